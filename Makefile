@@ -1,0 +1,51 @@
+# lit_vqdiff: `make help` lists the targets. Overrides go in ARGS="key=value ...".
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+# A GPU user picks another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+BIN := $(VENV)/bin
+CLI := $(BIN)/lit-vqdiff
+STAMP := $(VENV)/.installed
+
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install data data-mnist data-fashion train-stage1 train-stage2 tokenize sample eval \
+        reconstruct test test-fast bench sweep agent clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z0-9_-]+:.*?## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(STAMP) ## create .venv with pinned CPU torch and the package (idempotent)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+data: install ## write the shapes-v1 shards (train/val) into data/shapes-v1
+	$(CLI) shards write shapes $(ARGS)
+
+train-stage1: install ## train the stage-1 tokenizer (ARGS="modality=audio ...")
+	$(CLI) train stage1 $(ARGS)
+
+train-stage2: install ## train stage 2 (tokenizer first if missing), sample and evaluate
+	$(CLI) train stage2 $(ARGS)
+
+sample: install ## sample from the latest stage-2 run (ARGS="--task text->image --n 200 --out DIR")
+	$(CLI) sample $(ARGS)
+
+eval: install ## evaluate a sample folder (ARGS="DIR")
+	$(CLI) eval $(ARGS)
+
+test: install ## run the test suite (CPU, offline W&B)
+	$(BIN)/python -m pytest $(ARGS)
+
+clean: ## remove caches and generated files (keeps .venv, data and runs)
+	rm -rf .pytest_cache **/__pycache__ lightning_logs wandb
