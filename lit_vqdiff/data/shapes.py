@@ -46,6 +46,11 @@ class Attributes:
     size: str
     position: str
 
+    def __post_init__(self) -> None:
+        for key in ATTRIBUTES:
+            if getattr(self, key) not in VALUES[key]:
+                raise ValueError(f"shapes-v1 {key} must be one of {VALUES[key]}, got {getattr(self, key)!r}")
+
     @property
     def label(self) -> int:
         return label_of(self)
@@ -72,6 +77,7 @@ def attributes_of(label: int) -> Attributes:
 
 
 def caption_of(attrs: Attributes) -> str:
+    """The one caption of a set of attributes, e.g. 'a large blue triangle on the right'."""
     return f"a {attrs.size} {attrs.color} {attrs.shape} {CAPTION_PLACE[attrs.position]}"
 
 
