@@ -1,0 +1,239 @@
+"""Condition encoders: class labels, UTF-8 captions and frozen-tokenizer codes -> ``Condition``.
+
+Classifier-free guidance needs one network that predicts both with and without its
+condition. So every encoder swaps the condition of the rows flagged in ``drop`` (B,) for a
+learned null condition: during training ``drop`` comes from ``drop_mask(batch, p)``, so the
+network also learns the unconditional task; at sampling time an all-True ``drop`` gives the
+unconditional branch that guidance extrapolates away from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lit_vqdiff.nn.dit import Attention, Mlp, sincos_positions
+
+PAD_ID = 256
+BYTE_VOCAB = 257  # byte values 0..255, then the pad id
+
+
+@dataclass
+class Condition:
+    """What DiT reads; any field may be None when the model is not configured for it."""
+
+    seq: Tensor | None = None  # (B, S, cond_dim), read by cross-attention
+    mask: Tensor | None = None  # (B, S) bool, True = a real position (None = all real)
+    pooled: Tensor | None = None  # (B, pooled_cond_dim), added to the adaLN vector
+    labels: Tensor | None = None  # (B,) long; the value num_classes is the null class
+
+
+def _cat_optional(first: Tensor | None, second: Tensor | None, name: str) -> Tensor | None:
+    """torch.cat of two batch parts, which must both be present or both be None."""
+    if (first is None) != (second is None):
+        raise ValueError(f"cannot concatenate conditions: only one of them has {name}")
+    return None if first is None else torch.cat([first, second])
+
+
+def cat_conditions(
+    first: Condition | Tensor | None, second: Condition | Tensor | None
+) -> Condition | Tensor | None:
+    """Stack two conditions along the batch (conditional then unconditional for guidance)."""
+    if isinstance(first, Tensor) or isinstance(second, Tensor):
+        return _cat_optional(first, second, "a tensor")
+    if first is None or second is None:
+        if first is not second:
+            raise ValueError("cannot concatenate a condition with None")
+        return None
+    seqs, masks = [first.seq, second.seq], [first.mask, second.mask]
+    if seqs[0] is not None and seqs[1] is not None:
+        length = max(s.shape[1] for s in seqs)
+        for i, s in enumerate(seqs):
+            mask = masks[i] if masks[i] is not None else torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+            # Sequences of different lengths are right-padded; the padding is masked out.
+            masks[i] = nn.functional.pad(mask, (0, length - s.shape[1]), value=False)
+            seqs[i] = nn.functional.pad(s, (0, 0, 0, length - s.shape[1]))
+    return Condition(
+        seq=_cat_optional(*seqs, "seq"),
+        mask=None if seqs[0] is None else torch.cat(masks),
+        pooled=_cat_optional(first.pooled, second.pooled, "pooled"),
+        labels=_cat_optional(first.labels, second.labels, "labels"),
+    )
+
+
+def drop_mask(
+    batch_size: int, p: float, *, device: torch.device | str | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """Bool (B,) with each row True (condition dropped) with probability p."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"drop probability p must be in [0, 1], got {p!r}")
+    return torch.rand(batch_size, device=device, generator=generator) < p
+
+
+def encode_text(strings: Sequence[str], max_bytes: int, *, truncate: bool = False) -> tuple[Tensor, Tensor]:
+    """UTF-8 bytes (B, max_bytes) long, right-padded with PAD_ID, and the (B, max_bytes) real-byte mask."""
+    if isinstance(strings, str):
+        raise TypeError("encode_text takes a sequence of strings, not one string")
+    tokens = torch.full((len(strings), max_bytes), PAD_ID, dtype=torch.long)
+    for row, text in enumerate(strings):
+        data = text.encode("utf-8")
+        if len(data) > max_bytes:
+            if not truncate:
+                raise ValueError(f"text {text!r} is {len(data)} UTF-8 bytes, more than max_bytes={max_bytes}")
+            # Cut at a character boundary so the kept bytes still decode.
+            data = data[:max_bytes].decode("utf-8", errors="ignore").encode("utf-8")
+        tokens[row, : len(data)] = torch.tensor(list(data), dtype=torch.long)
+    return tokens, tokens != PAD_ID
+
+
+def decode_text(tokens: Tensor) -> list[str]:
+    """Strings from (B, L) byte ids: read up to the first non-byte id (pad or mask); bad UTF-8 is replaced."""
+    texts = []
+    for row in tokens.tolist():
+        end = next((i for i, value in enumerate(row) if not 0 <= value < 256), len(row))
+        texts.append(bytes(row[:end]).decode("utf-8", errors="replace"))
+    return texts
+
+
+def _check_drop(drop: Tensor | None, batch: int) -> None:
+    """Raise unless drop is None or a bool (batch,) tensor."""
+    if drop is not None and (drop.dtype != torch.bool or drop.shape != (batch,)):
+        raise ValueError(f"drop must be a bool tensor of shape ({batch},), got {drop.dtype} {tuple(drop.shape)}")
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer encoder block with a key-padding mask."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout=dropout)
+        self.mlp = Mlp(width, int(width * mlp_ratio), dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_mask=mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class SequenceEncoder(nn.Module):
+    """Shared trunk of the sequence encoders: blocks, final norm, masked mean pool, null condition."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.width = width
+        self.blocks = nn.ModuleList(EncoderBlock(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        # The null condition is a single real position holding a learned vector.
+        self.null = nn.Parameter(torch.randn(width) * 0.02)
+
+    def encode(self, h: Tensor, mask: Tensor, drop: Tensor | None) -> Condition:
+        """Run the blocks over embedded tokens h (B, S, W) and apply ``drop``."""
+        _check_drop(drop, h.shape[0])
+        for block in self.blocks:
+            h = block(h, mask)
+        seq = self.norm(h)
+        weights = mask.unsqueeze(-1).to(seq.dtype)
+        pooled = (seq * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if drop is None:
+            return Condition(seq=seq, mask=mask, pooled=pooled)
+        length = seq.shape[1]
+        null_seq = torch.cat([self.null.view(1, 1, -1), seq.new_zeros(1, length - 1, self.width)], dim=1)
+        null_mask = torch.arange(length, device=mask.device) == 0
+        return Condition(
+            seq=torch.where(drop[:, None, None], null_seq, seq),
+            mask=torch.where(drop[:, None], null_mask, mask),
+            pooled=torch.where(drop[:, None], self.null, pooled),
+        )
+
+
+class ByteTextEncoder(SequenceEncoder):
+    """Captions as UTF-8 bytes -> a condition sequence with learned positions."""
+
+    def __init__(
+        self, width: int, depth: int, heads: int, max_bytes: int, mlp_ratio: float = 4.0, dropout: float = 0.0
+    ):
+        super().__init__(width, depth, heads, mlp_ratio, dropout)
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.byte_embed = nn.Embedding(BYTE_VOCAB, width)
+        self.pos_embed = nn.Parameter(torch.randn(1, max_bytes, width) * 0.02)
+
+    def forward(self, tokens: Tensor, drop: Tensor | None = None) -> Condition:
+        """tokens (B, max_bytes) from ``encode_text``; drop (B,) bool rows get the null condition."""
+        if tokens.dtype != torch.long or tokens.ndim != 2 or tokens.shape[1] != self.max_bytes:
+            raise ValueError(
+                f"tokens must be long of shape (B, {self.max_bytes}), got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        return self.encode(self.byte_embed(tokens) + self.pos_embed, tokens != PAD_ID, drop)
+
+
+class CodeEncoder(SequenceEncoder):
+    """Codes of a frozen tokenizer (1D or 2D grid) -> a condition sequence with sincos positions."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_shape: tuple[int, ...],
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__(width, depth, heads, mlp_ratio, dropout)
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size!r}")
+        self.seq_shape = tuple(int(s) for s in seq_shape)
+        self.code_embed = nn.Embedding(vocab_size, width)
+        self.register_buffer("pos_embed", sincos_positions(self.seq_shape, width)[None], persistent=False)
+
+    def forward(self, codes: Tensor, drop: Tensor | None = None) -> Condition:
+        """codes (B, L) or (B, *seq_shape) long; drop (B,) bool rows get the null condition."""
+        length = math.prod(self.seq_shape)
+        if codes.dtype != torch.long or tuple(codes.shape[1:]) not in (self.seq_shape, (length,)):
+            raise ValueError(
+                f"codes must be long of shape (B, {length}) or (B, *{self.seq_shape}), "
+                f"got {codes.dtype} {tuple(codes.shape)}"
+            )
+        codes = codes.reshape(codes.shape[0], length)
+        mask = torch.ones_like(codes, dtype=torch.bool)
+        return self.encode(self.code_embed(codes) + self.pos_embed, mask, drop)
+
+
+class ClassCondition(nn.Module):
+    """Class labels -> Condition.labels (null class for dropped rows), plus an embedding when width is set.
+
+    With ``DiT(num_classes=...)`` the DiT embeds the labels itself: use ``width=None`` so no
+    table here goes unused. With a width, the learned embedding also fills ``pooled`` and a
+    one-position ``seq``, for a DiT that reads those instead.
+    """
+
+    def __init__(self, num_classes: int, width: int | None = None):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes + 1, width) if width else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, labels: Tensor, drop: Tensor | None = None) -> Condition:
+        """labels (B,) long in [0, num_classes); drop (B,) bool rows become the null class."""
+        if labels.dtype != torch.long or labels.ndim != 1:
+            raise ValueError(f"labels must be a long (B,) tensor, got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            low, high = int(labels.min()), int(labels.max())
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got range [{low}, {high}]")
+        _check_drop(drop, labels.shape[0])
+        if drop is not None:
+            labels = labels.masked_fill(drop, self.num_classes)
+        if self.embed is None:
+            return Condition(labels=labels)
+        pooled = self.embed(labels)
+        mask = torch.ones(labels.shape[0], 1, dtype=torch.bool, device=labels.device)
+        return Condition(seq=pooled[:, None], mask=mask, pooled=pooled, labels=labels)
