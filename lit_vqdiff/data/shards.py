@@ -3,24 +3,29 @@
 Shards are plain tar files, one sample per key, members named ``<key>.<ext>``. Headers
 carry fixed owner, mode and mtime so that the same samples give byte-identical shards.
 ``sizes.json`` beside the shards maps each shard's file name to its sample count; the
-exact-epoch loader needs it to split samples evenly across ranks.
+exact-epoch loader needs it to split samples evenly across ranks. ``source.json`` records
+what a shard set was written from, with which settings and the checksums of the files read.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import soundfile as sf
 from PIL import Image
+from tqdm import tqdm
 
 from . import shapes
 
 SIZES_FILE = "sizes.json"
+SOURCE_FILE = "source.json"
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -35,6 +40,24 @@ def encode_wav(wave: np.ndarray, sample_rate: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
     return buf.getvalue()
+
+
+def png_of_file(path: Path) -> bytes:
+    """PNG of an image file, kept grayscale (L) or RGB; other modes become RGB, alpha dropped."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode == "1":
+            image = image.convert("L")
+        elif image.mode not in ("L", "RGB"):
+            # Via RGBA: palette images with a transparent index convert without a warning.
+            image = image.convert("RGBA").convert("RGB")
+        return encode_png(np.asarray(image))
+
+
+def wav_of_file(path: Path) -> tuple[bytes, dict[str, int]]:
+    """16-bit mono WAV of a sound file (channels averaged), at the file's own sample rate."""
+    wave, rate = sf.read(path, dtype="float32", always_2d=True)
+    return encode_wav(wave.mean(axis=1), rate), {"sample_rate": rate, "channels": wave.shape[1]}
 
 
 def _tar_member(name: str, size: int) -> tarfile.TarInfo:
@@ -118,6 +141,78 @@ def update_sizes(directory: Path | str, sizes: Mapping[str, int]) -> None:
     tmp.replace(path)
 
 
+@contextmanager
+def staged_directory(out_dir: Path | str) -> Iterator[Path]:
+    """Yield an empty hidden sibling of ``out_dir`` to fill; when the block succeeds it replaces ``out_dir`` whole.
+
+    An interrupted or failed write leaves ``out_dir`` as it was (absent or the previous data
+    set), never a half-written folder under the final name.
+    """
+    out_dir = Path(out_dir).resolve()
+    stage = out_dir.parent / f".{out_dir.name}.partial"
+    old = out_dir.parent / f".{out_dir.name}.old"
+    shutil.rmtree(stage, ignore_errors=True)  # left behind by a run that was killed
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.replace(old)
+    stage.replace(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_set(
+    out_dir: Path | str, params: Mapping[str, Any], fill: Callable[[Path], Mapping[str, Any]], overwrite: bool = False
+) -> dict[str, int] | None:
+    """Run ``fill(stage_dir)`` (it writes the shards and returns file checksums), then publish it as ``out_dir``.
+
+    Returns the shard sizes, or None when ``out_dir`` already holds a set written with the
+    same ``params`` and ``overwrite`` is off. Raises FileExistsError rather than replace a
+    folder that is not a shard set (no sizes.json), or, without ``overwrite``, a set written
+    with other settings or with none recorded.
+    """
+    out_dir = Path(out_dir)
+    params = json.loads(json.dumps(dict(params)))  # tuples -> lists, as the saved copy has them
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not (out_dir / SIZES_FILE).is_file():
+            raise FileExistsError(f"{out_dir} exists and has no {SIZES_FILE}, so it is not a shard set; refusing to replace it")
+        old = (read_source(out_dir) or {}).get("params") or {}
+        if old == params and read_sizes(out_dir) and not overwrite:
+            return None
+        if not overwrite:
+            changed = ", ".join(k for k in sorted(set(old) | set(params)) if old.get(k) != params.get(k))
+            why = (f"changed: {changed}" if changed else "its sizes.json is empty") if old else f"no {SOURCE_FILE} records them"
+            raise FileExistsError(f"{out_dir} holds a shard set written with other settings ({why}); pass --overwrite")
+    with staged_directory(out_dir) as stage:
+        files = fill(stage)
+        record = {"params": params, "files": dict(files)}
+        (stage / SOURCE_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return read_sizes(out_dir)
+
+
+def read_source(directory: Path | str) -> dict[str, Any] | None:
+    """The ``source.json`` record of a shard set, or None when absent or unreadable."""
+    path = Path(directory) / SOURCE_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def write_split(
+    out_dir: Path, split: str, samples: Iterable[Mapping[str, bytes]], total: int, shard_size: int, progress: bool = False
+) -> dict[str, int]:
+    """Write ``samples`` (member dicts) as ``<split>-NNNNNN.tar`` with keys ``<split>-NNNNNNN``."""
+    with ShardWriter(out_dir, split, shard_size) as writer:
+        for i, members in enumerate(tqdm(samples, total=total, desc=split, unit="sample", disable=not progress, leave=False)):
+            writer.write(f"{split}-{i:07d}", members)
+    return writer.sizes
+
+
 def shapes_members(sample: shapes.Sample) -> dict[str, bytes]:
     """The five members of a shapes-v1 sample, as the spec lists them."""
     meta = sample.attributes.as_dict() | {"seed": sample.seed, "index": sample.index}
@@ -134,10 +229,28 @@ def write_shapes(out_dir: Path | str, split: str, seed: int, count: int, shard_s
     """Render ``count`` shapes-v1 samples with ``seed`` into ``<split>-NNNNNN.tar`` shards."""
     indices: Iterable[int] = range(count)
     if progress:
-        from tqdm import tqdm
-
         indices = tqdm(indices, desc=f"shapes-v1 {split}", unit="sample", leave=False)
     with ShardWriter(out_dir, split, shard_size) as writer:
         for i in indices:
             writer.write(f"{split}-{seed:04d}-{i:07d}", shapes_members(shapes.make_sample(seed, i)))
     return writer.sizes
+
+
+def write_shapes_set(
+    out_dir: Path | str, train_samples: int, val_samples: int, train_seed: int, val_seed: int, shard_size: int,
+    overwrite: bool = False, progress: bool = False,
+) -> dict[str, int] | None:
+    """shapes-v1 train and val splits from disjoint seeds, published as one set (see ``write_set``)."""
+    if train_seed == val_seed:
+        raise ValueError(f"train_seed and val_seed must differ (both {train_seed}): the splits would hold the same samples")
+    if train_samples <= 0 or val_samples < 0:
+        raise ValueError(f"need train_samples > 0 and val_samples >= 0, got {train_samples} and {val_samples}")
+    params = {"source": "shapes-v1", "train_samples": train_samples, "val_samples": val_samples,
+              "train_seed": train_seed, "val_seed": val_seed, "shard_size": shard_size}
+
+    def fill(stage: Path) -> dict[str, Any]:
+        write_shapes(stage, "train", train_seed, train_samples, shard_size, progress)
+        write_shapes(stage, "val", val_seed, val_samples, shard_size, progress)
+        return {}
+
+    return write_set(out_dir, params, fill, overwrite)

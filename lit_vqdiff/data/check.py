@@ -1,0 +1,222 @@
+"""Checking a WebDataset shard set before training on it.
+
+``check_shards`` reads every shard of a set (a directory, or a brace pattern such as
+``data/mnist/train-{000000..000004}.tar``) and reports, by shard and key: truncated tars,
+samples that lack an expected member, members that do not decode, keys seen twice, and
+per-shard counts that disagree with ``sizes.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import braceexpand
+import soundfile as sf
+from PIL import Image
+from tqdm import tqdm
+
+from .shards import SIZES_FILE, read_sizes
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+SOUND_EXTS = ("wav", "flac", "ogg")
+BLOCK = tarfile.BLOCKSIZE  # 512
+BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+INFER_FROM = 8  # samples of the first shard whose members are taken as the expected ones
+
+
+@dataclass(frozen=True)
+class Problem:
+    shard: str
+    key: str  # "-" when the problem is the shard's, not one sample's
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.shard} {self.key}: {self.message}"
+
+
+@dataclass
+class Report:
+    shards: list[Path]
+    expected: tuple[str, ...]
+    samples: int = 0
+    members: Counter = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self, max_problems: int = 50) -> str:
+        """Human-readable summary: shards, samples, members, then the problems (at most ``max_problems``)."""
+        counts = ", ".join(f"{ext} {n}" for ext, n in sorted(self.members.items())) or "none"
+        lines = [
+            f"shards:   {len(self.shards)}",
+            f"samples:  {self.samples}",
+            f"members:  {counts} (expected in every sample: {', '.join(self.expected) or 'nothing'})",
+            f"problems: {len(self.problems)}",
+        ]
+        lines += [f"  {p}" for p in self.problems[:max_problems]]
+        if len(self.problems) > max_problems:
+            lines.append(f"  ... and {len(self.problems) - max_problems} more")
+        lines.append("OK" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+class TruncatedShard(Exception):
+    """A shard ends early: inside a member, or without the tar end-of-archive blocks."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key  # the sample being read when the data ran out
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member, as WebDataset groups them: the extension starts at the basename's first dot."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (ext if dot else "")
+
+
+def resolve_shards(pattern: str) -> list[Path]:
+    """Shard paths of a directory (its ``*.tar``, sorted) or a brace pattern (in its order)."""
+    path = Path(pattern)
+    if path.is_dir():
+        return sorted(path.glob("*.tar"))
+    return [Path(p) for p in braceexpand.braceexpand(pattern)]
+
+
+def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
+    """(key, members, duplicated extensions) per sample, in tar order; raises TruncatedShard at a short end.
+
+    A sample cut inside a member is not yielded; one cut between members is, and then
+    lacks the members that were lost.
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    repeated: list[str] = []
+    end, reading, last = 0, "-", "the start"
+    with open(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    reading, ext = split_member(info.name)
+                    data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                    if reading != key:
+                        if key is not None:
+                            yield key, members, repeated
+                        key, members, repeated = reading, {}, []
+                    if ext in members:
+                        repeated.append(ext)
+                    members[ext] = data
+                    end = info.offset_data + -(-info.size // BLOCK) * BLOCK
+                    last = info.name
+        except tarfile.ReadError as err:
+            raise TruncatedShard(reading, f"unreadable after {last}: {err}") from None
+        # tarfile stops quietly when a file ends on a block boundary; a complete archive
+        # has two zero blocks after the last member.
+        f.seek(end)
+        complete = f.read(2 * BLOCK) == bytes(2 * BLOCK)
+        if key is not None:
+            yield key, members, repeated
+        if not complete:
+            raise TruncatedShard(reading, f"no end-of-archive marker after {last}: the file was cut short")
+
+
+def decode_error(ext: str, data: bytes) -> str | None:
+    """Why a member does not decode, or None when it does (unknown extensions always pass)."""
+    try:
+        if ext in IMAGE_EXTS:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+        elif ext in SOUND_EXTS:
+            sf.read(io.BytesIO(data))
+        elif ext == "txt":
+            data.decode("utf-8")
+        elif ext == "cls":
+            int(data.decode("ascii"))
+        elif ext == "json":
+            json.loads(data)
+    except Exception as err:  # noqa: BLE001 -- any failure to decode is the finding itself
+        detail = BUFFER_REPR.sub("", str(err))  # PIL and soundfile name the in-memory buffer
+        return f"{ext} does not decode ({type(err).__name__}: {detail})"
+    return None
+
+
+def infer_members(shard: Path) -> tuple[str, ...]:
+    """Members found in the first samples of a shard (their union, so one short sample cannot set the rule)."""
+    found: set[str] = set()
+    try:
+        for _, members, _ in islice(iter_samples(shard), INFER_FROM):
+            found.update(members)
+    except (TruncatedShard, OSError):
+        pass  # reported when the shard is checked
+    return tuple(sorted(found))
+
+
+def check_shards(pattern: str, expected: Sequence[str] | None = None, progress: bool = False) -> Report:
+    """Read every shard matched by ``pattern`` and collect the problems found (see the module docstring)."""
+    shards = resolve_shards(pattern)
+    existing = [s for s in shards if s.is_file()]
+    if not existing:
+        raise FileNotFoundError(f"no shards match {pattern!r}")
+    report = Report(shards, tuple(sorted(expected)) if expected else infer_members(existing[0]))
+    first_shard: dict[str, str] = {}
+    for shard in tqdm(shards, desc="checking", unit="shard", disable=not progress, leave=False):
+        if not shard.is_file():
+            report.problems.append(Problem(shard.name, "-", "shard file missing"))
+            continue
+        count = _check_shard(shard, report, first_shard)
+        report.samples += count
+        _check_count(shard, count, report)
+    if Path(pattern).is_dir():
+        try:
+            listed = read_sizes(pattern)
+        except ValueError:
+            listed = {}  # already reported against each shard
+        for name in sorted(set(listed) - {s.name for s in report.shards}):
+            report.problems.append(Problem(name, "-", f"listed in {SIZES_FILE} but missing"))
+    return report
+
+
+def _check_shard(shard: Path, report: Report, first_shard: dict[str, str]) -> int:
+    count = 0
+    try:
+        for key, members, repeated in iter_samples(shard):
+            count += 1
+            report.members.update(members.keys())  # count member names; update(dict) would add the bytes
+            problems = [f"member {ext} appears twice" for ext in repeated]
+            if key in first_shard:
+                problems.append(f"duplicate key (first seen in {first_shard[key]})")
+            first_shard.setdefault(key, shard.name)
+            problems += [f"missing member {ext}" for ext in report.expected if ext not in members]
+            problems += [e for e in (decode_error(ext, data) for ext, data in sorted(members.items())) if e]
+            report.problems += [Problem(shard.name, key, p) for p in problems]
+    except TruncatedShard as err:
+        report.problems.append(Problem(shard.name, err.key, f"truncated or corrupt tar: {err}"))
+    except OSError as err:
+        report.problems.append(Problem(shard.name, "-", f"cannot read: {err}"))
+    return count
+
+
+def _check_count(shard: Path, count: int, report: Report) -> None:
+    try:
+        sizes = read_sizes(shard.parent)
+    except ValueError as err:
+        report.problems.append(Problem(shard.name, "-", str(err)))
+        return
+    if not (shard.parent / SIZES_FILE).is_file():
+        report.problems.append(Problem(shard.name, "-", f"no {SIZES_FILE} beside the shard"))
+    elif shard.name not in sizes:
+        report.problems.append(Problem(shard.name, "-", f"not listed in {SIZES_FILE}"))
+    elif sizes[shard.name] != count:
+        report.problems.append(Problem(shard.name, "-", f"{SIZES_FILE} says {sizes[shard.name]} samples, the shard holds {count}"))
