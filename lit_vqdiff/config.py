@@ -51,8 +51,9 @@ class ShapesConfig:
 class DataConfig:
     name: str = "shapes-v1"
     root: str = "data/shapes-v1"
-    train: str = ""  # shard pattern (brace, pipe: or http(s)://); "" = every train-*.tar under root
+    train: str = ""  # shard pattern (brace, pipe: or http(s)://) or a folder; "" = every train-*.tar under root
     val: str = ""
+    sizes: str = ""  # sizes.json path or URL; "" = the one beside the shards
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     batch_size: int = 64
     val_batch_size: int = 256
@@ -65,7 +66,13 @@ class DataConfig:
     sample_rate: int = 8000
     audio_samples: int = 8000
     text_bytes: int = 48
-    max_skip_fraction: float = 0.01
+    # Audio at another rate is resampled when its rate lies in [min_source_rate,
+    # max_source_rate]; outside that range, or with resample_audio=false, the sample is
+    # skipped and counted as `sample_rate`.
+    resample_audio: bool = True
+    min_source_rate: int = 4000
+    max_source_rate: int = 96000
+    max_skip_fraction: float = 0.01  # share of an epoch's samples per rank that may be skipped before the run stops
 
 
 @dataclass
@@ -256,13 +263,21 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_di
     if stage not in SCHEMAS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(SCHEMAS)}")
     conf_dir = Path(conf_dir)
+    pairs = [_split_override(o) for o in overrides]
+    resumed = _resumed_config(stage, dict(pairs).get("run.dir"))
+    if resumed is not None:
+        # Resuming: the run's own saved config is the base; overrides still apply on top
+        # (e.g. a larger trainer.max_steps), groups do not re-apply their presets.
+        for key, value in pairs:
+            resumed = _apply_override(resumed, key, value)
+        validate(resumed)
+        return resumed
     cfg = OmegaConf.structured(SCHEMAS[stage])
     stage_file = conf_dir / f"{stage}.yaml"
     stage_yaml = _read_yaml(stage_file)
     defaults = dict(stage_yaml.pop("defaults", None) or {})
     cfg = _merge(cfg, stage_yaml, source=str(stage_file))
 
-    pairs = [_split_override(o) for o in overrides]
     plain: list[tuple[str, str]] = []
     for key, value in pairs:
         if key in GROUPS and OmegaConf.is_dict(cfg.get(key)):
@@ -280,6 +295,15 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_di
         cfg = _apply_override(cfg, key, value)
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def _resumed_config(stage: str, run_dir: str | None) -> DictConfig | None:
+    if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
+        return None
+    cfg = load_saved(Path(run_dir) / "config.yaml")
+    if cfg.stage != stage:
+        raise ConfigError(f"run.dir={run_dir} holds a {cfg.stage} run, not {stage}")
     return cfg
 
 
@@ -301,7 +325,7 @@ def _merge_group(cfg: DictConfig, conf_dir: Path, group: str, name: str) -> Dict
     path = conf_dir / group / f"{name}.yaml"
     if not path.exists():
         options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-        raise ConfigError(f"{group}={name}: no preset {path}; choose one of {options} or set {group}.<key>=...")
+        raise ConfigError(f"{group}={name}: no preset conf/{group}/{name}.yaml; choose one of {options} or set {group}.<key>=...")
     return _merge(cfg, {GROUPS[group]: _read_yaml(path)}, source=str(path))
 
 
@@ -313,6 +337,14 @@ def _merge(cfg: DictConfig, data: dict[str, Any], source: str) -> DictConfig:
         raise ConfigError(f"{source}: {_unknown_key_message(cfg, key)}") from None
     except ValidationError as err:
         raise ConfigError(f"{source}: {_type_message(err)}") from None
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """``key=value`` overrides applied to an already loaded config, then validated."""
+    for key, value in (_split_override(o) for o in overrides):
+        cfg = _apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg
 
 
 def _split_override(text: str) -> tuple[str, str]:
@@ -408,11 +440,13 @@ def validate(cfg: DictConfig) -> None:
             close = difflib.get_close_matches(str(value), choices, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{key}={value}: expected one of {list(choices)}{hint}")
-    positive = ["data.batch_size", "trainer.max_steps", "trainer.devices", "trainer.num_nodes"]
+    positive = ["data.batch_size", "trainer.max_steps", "trainer.num_nodes"]
     for key in positive:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value}: must be positive")
+    if cfg.trainer.devices == 0 or cfg.trainer.devices < -1:
+        raise ConfigError(f"trainer.devices={cfg.trainer.devices}: must be positive, or -1 for every device")
     if OmegaConf.select(cfg, "data.num_workers", default=0) < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers}: must be >= 0")
     if cfg.stage == "stage1" and cfg.tokenizer.frontend == "pixels" and cfg.modality != "image":

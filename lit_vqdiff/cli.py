@@ -1,0 +1,120 @@
+"""`lit-vqdiff`: the command line. Each sub-command parses its arguments, loads and
+validates the config (exit 2 on a bad one, before any file is written), then calls one
+function that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from .config import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import train
+
+    cfg = load_config(args.stage, args.overrides)
+    train(cfg)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.stage, args.overrides)), end="")
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .token_cache import tokenize_command
+
+    cfg = load_config("stage2", args.overrides)
+    print(json.dumps(tokenize_command(cfg), indent=2))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .sampling import sample_command
+
+    summary = sample_command(task=args.task, n=args.n, out=args.out, ckpt=args.ckpt, overrides=args.overrides)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_dir
+
+    print(json.dumps(evaluate_dir(args.dir), indent=2))
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from .reconstruct import reconstruct_command
+
+    print(json.dumps(reconstruct_command(n=args.n, out=args.out, ckpt=args.ckpt, modality=args.modality), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lit-vqdiff", description="Two-stage generative models: VQ tokenizers and Diffusion Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("train", _train, "train a stage: `train stage1|stage2 [key=value ...]`")
+    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = add("config", _config, "print the resolved config of a stage with overrides applied")
+    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = add("tokenize", _tokenize, "encode the shards once into a token cache for stage 2")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = add("sample", _sample, "generate samples with manifest.jsonl from a stage-2 checkpoint")
+    p.add_argument("--task", default=None, help="source->target, e.g. text->image (default: the run's task)")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", default=None, help="checkpoint or run folder (default: runs/latest-stage2)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="sampling.* overrides, e.g. sampling.guidance=3")
+
+    p = add("eval", _eval, "score a sample folder against its manifest (exact match, per attribute)")
+    p.add_argument("dir")
+
+    p = add("reconstruct", _reconstruct, "reconstruct validation samples with a tokenizer and report its metrics")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", default=None, help="tokenizer artifact or run folder (default: the latest of --modality)")
+    p.add_argument("--modality", default="image", choices=["image", "audio"])
+
+    from .data.commands import add_shards_parser
+
+    add_shards_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"lit-vqdiff: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("lit-vqdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
