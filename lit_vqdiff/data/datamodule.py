@@ -1,0 +1,383 @@
+"""The LightningDataModule over WebDataset shards: sources, skip accounting, resume.
+
+Sources (``data.train`` / ``data.val``): a brace pattern of paths, a folder (every
+``*.tar`` in it), ``pipe:`` commands or ``http(s)://`` URLs; empty means
+``data.root/<split>-*.tar``. Sample counts come from the ``sizes.json`` beside the
+shards (for ``pipe:``, beside the last ``.tar`` argument) unless ``data.sizes`` names one.
+
+Batches are built inside DataLoader workers (``batch_size=None``); the main process
+takes their bookkeeping off in ``StreamTracker.record``: which worker, which of its
+batches, and the samples it had to skip. That gives
+
+- ``skipped()``: counts per reason for ``data/skipped_<reason>``, warnings once per
+  shard and reason, and a ``DataQualityError`` naming the worst shards once an epoch's
+  skips pass ``data.max_skip_fraction`` of the samples the rank reads in it;
+- ``state_dict()``: the epoch and the batches consumed from each worker, on every rank,
+  so that a run resumed mid-epoch continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urljoin, urlparse
+
+import braceexpand
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+from .decode import SKIP_REASONS, DecodeSpec
+from .pipeline import Shard, ShardStream, check_enough_shards, is_url, open_url
+from .shards import SIZES_FILE
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def tar_path(url: str) -> str:
+    """The .tar a shard URL reads: the URL itself, or the last .tar argument of a pipe: command."""
+    if not url.startswith("pipe:"):
+        return url
+    tars = [token for token in url[len("pipe:") :].split() if ".tar" in token]
+    return tars[-1] if tars else url
+
+
+def shard_name(url: str) -> str:
+    path = tar_path(url)
+    return os.path.basename(urlparse(path).path if is_url(path) else path)
+
+
+def sizes_location(url: str) -> str:
+    """Where sizes.json sits for a shard: beside its .tar file."""
+    path = tar_path(url)
+    return urljoin(path, SIZES_FILE) if is_url(path) else str(Path(path).parent / SIZES_FILE)
+
+
+def shard_urls(spec: str, root: str, split: str) -> list[str]:
+    """Shard URLs of a source: a brace pattern, a folder, pipe:, http(s)://, or root/<split>-*.tar."""
+    if not spec:
+        found = sorted(glob.glob(os.path.join(root, f"{split}-*.tar")))
+        if not found:
+            raise FileNotFoundError(f"data.{split} is empty and data.root={root!r} holds no {split}-*.tar shards")
+        return found
+    if not is_url(spec) and not spec.startswith("pipe:") and os.path.isdir(spec):
+        found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"data.{split}={spec!r} is a folder without *.tar shards")
+        return found
+    urls = list(braceexpand.braceexpand(spec))
+    missing = [u for u in urls if not is_url(u) and not u.startswith("pipe:") and not os.path.exists(u)]
+    if missing:
+        raise FileNotFoundError(
+            f"data.{split}={spec!r}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}"
+        )
+    return urls
+
+
+def load_sizes(location: str) -> dict[str, int] | None:
+    """Shard name -> sample count from a sizes.json path or URL; None when there is none."""
+    try:
+        if is_url(location):
+            with open_url(location) as response:
+                text = response.read().decode("utf-8")
+        else:
+            text = Path(location).read_text()
+    except OSError:  # a missing file, an HTTP error status
+        return None
+    try:
+        sizes = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{location}: not valid JSON ({err})") from None
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+        raise ValueError(f"{location}: expected a mapping of shard name to sample count")
+    return sizes
+
+
+def resolve_shards(spec: str, root: str, split: str, sizes: str = "") -> list[Shard]:
+    """The shards of a split with their sizes (``sizes``: a sizes.json path or URL; "" = beside them)."""
+    urls = shard_urls(spec, root, split)
+    known: dict[str, int] = {}
+    for location in [sizes] if sizes else sorted({sizes_location(u) for u in urls}):
+        found = load_sizes(location)
+        if found is None and sizes:
+            raise FileNotFoundError(f"data.sizes={sizes!r} cannot be read")
+        known |= found or {}
+    return [Shard(u, shard_name(u), known.get(shard_name(u))) for u in urls]
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+class DataQualityError(RuntimeError):
+    """More samples were skipped than ``data.max_skip_fraction`` allows."""
+
+
+def gather_across_ranks(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (a collective: every rank must call it)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class StreamTracker:
+    """Main-process record of one split's stream on one rank: position, skips, warnings."""
+
+    def __init__(self, split: str, max_skip_fraction: float, resumable: bool):
+        self.split, self.max_skip_fraction, self.resumable = split, max_skip_fraction, resumable
+        self.epoch, self.rank, self.world, self.planned = 0, 0, 1, 0
+        self.consumed: list[int] = []  # batches taken from each worker share this epoch
+        self.next_worker = 0  # the share whose batch comes next, round robin
+        self.epoch_skips: Counter[tuple[str, str]] = Counter()  # (shard, reason) -> count, this epoch
+        self.totals: Counter[str] = Counter()  # reason -> count, whole run
+        self.warned: set[tuple[str, str]] = set()
+        self.pending: dict[str, Any] | None = None
+
+    def start(self, epoch: int, stream: ShardStream) -> None:
+        """Set ``stream`` up for a pass over ``epoch``: from its start, or where a loaded state stopped."""
+        pending, self.pending = self.pending, None
+        self.epoch, self.rank, self.world, self.planned = epoch, stream.rank, stream.world, stream.per_rank
+        self.consumed, self.next_worker, self.epoch_skips = [0] * stream.workers, 0, Counter()
+        if pending is not None and pending["epoch"] == epoch:
+            if (pending["world"], pending["workers"]) != (stream.world, stream.workers):
+                raise ValueError(
+                    f"cannot resume the {self.split} stream mid-epoch: saved with {pending['world']} ranks x"
+                    f" {pending['workers']} workers, now {stream.world} x {stream.workers}"
+                )
+            self.consumed, self.next_worker = list(pending["consumed"]), pending["next_worker"]
+            self.epoch_skips = Counter({(shard, reason): n for shard, reason, n in pending["epoch_skips"]})
+        stream.epoch, stream.resume, stream.first_worker = epoch, list(self.consumed), self.next_worker
+
+    def record(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Take the bookkeeping off a batch and account for it; raises past the skip budget."""
+        worker, index, skips = batch.pop("worker"), batch.pop("worker_batch"), batch.pop("skips")
+        self.consumed[worker], self.next_worker = index + 1, (worker + 1) % len(self.consumed)
+        for reason, shard, key, detail in skips:
+            self.totals[reason] += 1
+            self.epoch_skips[(shard, reason)] += 1
+            if (shard, reason) not in self.warned:
+                self.warned.add((shard, reason))
+                log.warning(
+                    "%s: skipped a sample (%s) in %s, key %s: %s; further ones in this shard are only counted",
+                    self.split, reason, shard, key, detail,
+                )
+        if skips:
+            self.check_budget()
+        return batch
+
+    def check_budget(self) -> None:
+        """Stop once this epoch's skips exceed the share of its planned samples that is allowed."""
+        skipped = sum(self.epoch_skips.values())
+        budget = int(self.max_skip_fraction * self.planned)
+        if skipped <= budget:
+            return
+        per_shard: dict[str, Counter[str]] = {}
+        for (shard, reason), n in self.epoch_skips.items():
+            per_shard.setdefault(shard, Counter())[reason] += n
+        worst = sorted(per_shard.items(), key=lambda kv: -sum(kv[1].values()))[:3]
+        named = "; ".join(f"{shard} ({', '.join(f'{r} {n}' for r, n in c.most_common())})" for shard, c in worst)
+        raise DataQualityError(
+            f"{self.split}: {skipped} of the {self.planned} samples of epoch {self.epoch} on rank {self.rank} were"
+            f" skipped, more than data.max_skip_fraction={self.max_skip_fraction} allows ({budget});"
+            f" worst shards: {named}"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        position = {"epoch": self.epoch, "world": self.world, "workers": len(self.consumed)}
+        position |= {"consumed": self.consumed, "next_worker": self.next_worker}
+        skips = [[shard, reason, n] for (shard, reason), n in sorted(self.epoch_skips.items())]
+        return {"totals": dict(self.totals), "epoch_skips": skips} | (position if self.resumable else {})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals = Counter(state["totals"])
+        self.pending = state if self.resumable and "consumed" in state and state["consumed"] else None
+
+
+class StreamLoader:
+    """A sized iterable of batches: a DataLoader over a ShardStream, recorded by a StreamTracker.
+
+    Deliberately not a DataLoader subclass: Lightning then neither re-instantiates it nor
+    warns about an IterableDataset with ``__len__``; ``state_dict``/``load_state_dict``
+    make it resumable in Lightning's loops too. Its length stays the full epoch's when
+    resuming, because Lightning counts the batches it already ran.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        tracker: StreamTracker,
+        num_workers: int,
+        persistent: bool,
+        epoch_fn: Callable[[], int],
+    ):
+        self.stream, self.tracker, self.epoch_fn = stream, tracker, epoch_fn
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=persistent and num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Set up before iter(DataLoader): workers take a copy of the stream when they start.
+        self.tracker.start(self.epoch_fn(), self.stream)
+        return map(self.tracker.record, iter(self.loader))
+
+    def close(self) -> None:
+        """Stop persistent workers now; Lightning does it at teardown only for DataLoader objects."""
+        iterator = self.loader._iterator  # the DataLoader keeps it to reuse its workers
+        if isinstance(iterator, _MultiProcessingDataLoaderIter):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": gather_across_ranks(self.tracker.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(own_rank_state(state["ranks"], self.stream.rank, self.stream.world))
+
+
+def own_rank_state(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+    """This rank's entry of a state gathered from every rank, checking the rank count."""
+    if len(states) != world:
+        raise ValueError(f"the data state was saved by {len(states)} ranks; this run has {world}")
+    return states[rank]
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train and val streams over shards for a stage that needs ``modalities``.
+
+    Train: epoch-seeded shard order, ``data.mode`` exact or resampled, shuffle buffer.
+    Val: exact, in shard order, no shuffling; padding repeats are marked ``valid`` False.
+    Without a Trainer, ``set_epoch`` picks the train epoch.
+    """
+
+    def __init__(self, cfg: Any, modalities: tuple[str, ...], seed: int = 0):
+        super().__init__()
+        self.cfg, self.seed, self.epoch = cfg, int(seed), 0
+        self.spec = DecodeSpec.from_config(cfg, tuple(modalities))
+        check_data_config(cfg)
+        fraction = float(cfg.max_skip_fraction)
+        self.trackers = {
+            "train": StreamTracker("train", fraction, resumable=True),
+            "val": StreamTracker("val", fraction, resumable=False),
+        }
+        self._shards: dict[str, list[Shard]] = {}
+        self._reported = False
+        self._persistent: list[StreamLoader] = []  # a Trainer's loaders whose workers outlive a pass
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def shards(self, split: str) -> list[Shard]:
+        """The shards of ``train`` or ``val``, resolved once (sizes.json may come over HTTP)."""
+        if split not in self._shards:
+            spec = str(self.cfg.train if split == "train" else self.cfg.val)
+            self._shards[split] = resolve_shards(spec, str(self.cfg.root), split, str(self.cfg.sizes))
+        return self._shards[split]
+
+    def rank_world(self) -> tuple[int, int]:
+        """(rank, world size) from the Trainer, else torch.distributed, else (0, 1)."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def train_stream(self, rank: int, world: int, workers: int) -> ShardStream:
+        cfg = self.cfg
+        shards = self.shards("train")
+        if cfg.mode == "exact":
+            check_enough_shards(len(shards), world, workers)
+        return ShardStream(
+            shards, self.spec, batch_size=int(cfg.batch_size), rank=rank, world=world, workers=workers,
+            seed=self.seed, mode=str(cfg.mode), shuffle=True, shuffle_buffer=int(cfg.shuffle_buffer),
+            drop_last=bool(cfg.drop_last), batches_per_epoch=int(cfg.batches_per_epoch),
+        )  # fmt: skip
+
+    def train_dataloader(self) -> StreamLoader:
+        rank, world = self.rank_world()
+        num_workers = int(self.cfg.num_workers)
+        stream = self.train_stream(rank, world, max(1, num_workers))
+        if rank == 0 and not self._reported and (stream.padding or stream.dropped):
+            self._reported = True
+            change = f"{stream.padding} repeated as padding" if stream.padding else f"{stream.dropped} dropped"
+            message = "train: %d samples on %d ranks, %s: each reads %d"
+            log.warning(message, stream.total, world, change, stream.per_rank)
+        # Not persistent: each epoch's workers must start from the stream with its new epoch.
+        return StreamLoader(stream, self.trackers["train"], num_workers, persistent=False, epoch_fn=self.current_epoch)
+
+    def val_dataloader(self) -> StreamLoader:
+        rank, world = self.rank_world()
+        shards = self.shards("val")
+        # Validation sets are small: fewer workers rather than an error when shards are few.
+        num_workers = min(int(self.cfg.num_workers), len(shards) // world)
+        stream = ShardStream(
+            shards, self.spec, batch_size=int(self.cfg.val_batch_size), rank=rank, world=world,
+            workers=max(1, num_workers), seed=self.seed, mode="exact", shuffle=False,
+        )  # fmt: skip
+        # Persistent workers are safe here: every validation pass reads the same stream.
+        loader = StreamLoader(stream, self.trackers["val"], num_workers, persistent=True, epoch_fn=lambda: 0)
+        if self.trainer is not None:  # a loader its user drops shuts its workers down as garbage
+            self._persistent.append(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop persistent workers at the end of fit/validate: they would outlive the Trainer."""
+        for loader in self._persistent:
+            loader.close()
+        self._persistent.clear()
+
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else self.epoch
+
+    def samples_per_epoch(self, rank: int, world: int) -> int:
+        """Train samples rank ``rank`` of ``world`` reads per epoch, padding included."""
+        if not 0 <= rank < world:
+            raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+        return self.train_stream(rank, world, 1).per_rank
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped on this rank so far, per reason (every reason, zeros included)."""
+        totals = self.trackers["train"].totals + self.trackers["val"].totals
+        return {reason: totals[reason] for reason in SKIP_REASONS}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's stream position and skip counts; a collective under torch.distributed."""
+        return {split: gather_across_ranks(t.state_dict()) for split, t in self.trackers.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rank, world = self.rank_world()
+        for split, tracker in self.trackers.items():
+            tracker.load_state_dict(own_rank_state(state_dict[split], rank, world))
+        # Without a Trainer the next train pass continues the saved epoch (a Trainer sets its own).
+        self.epoch = int(state_dict["train"][rank].get("epoch", self.epoch))
+
+
+def check_data_config(cfg: Any) -> None:
+    """Errors naming the data.* value at fault, for what the stream cannot work with."""
+    if cfg.mode not in ("exact", "resampled"):
+        raise ValueError(f"data.mode={cfg.mode!r}: expected 'exact' or 'resampled'")
+    for key in ("batch_size", "val_batch_size"):
+        if int(getattr(cfg, key)) <= 0:
+            raise ValueError(f"data.{key}={getattr(cfg, key)}: must be positive")
+    for key in ("num_workers", "shuffle_buffer", "batches_per_epoch"):
+        if int(getattr(cfg, key)) < 0:
+            raise ValueError(f"data.{key}={getattr(cfg, key)}: must be >= 0")
+    if not 0.0 <= float(cfg.max_skip_fraction) <= 1.0:
+        raise ValueError(f"data.max_skip_fraction={cfg.max_skip_fraction}: must be in [0, 1]")

@@ -1,0 +1,84 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------- tiny shards (data pipeline)
+
+import io
+import tarfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import pytest
+
+from lit_vqdiff.config import DataConfig
+from lit_vqdiff.data import shapes, shards
+
+Members = dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class TinyShards:
+    directory: Path
+    names: list[str]  # shard file names, in order
+    keys: list[list[str]]  # sample keys per shard, in order
+
+    @property
+    def all_keys(self) -> list[str]:
+        return [k for shard in self.keys for k in shard]
+
+
+def write_tar(path: Path, samples: list[tuple[str, Mapping[str, bytes]]]) -> None:
+    """A plain tar with one ``<key>.<ext>`` member per sample member."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(members[ext])
+                tar.addfile(info, io.BytesIO(members[ext]))
+
+
+@pytest.fixture
+def tiny_shards(tmp_path: Path) -> Callable[..., TinyShards]:
+    """Factory: shapes-v1 shards of the given sizes (uneven allowed) plus sizes.json.
+
+    ``edit(key, members)`` may change or drop members to make broken samples.
+    """
+
+    def make(
+        sizes: list[int],
+        split: str = "train",
+        seed: int = 0,
+        directory: Optional[Path] = None,
+        edit: Optional[Callable[[str, Members], Members]] = None,
+    ) -> TinyShards:
+        out = directory or tmp_path / "shards"
+        out.mkdir(parents=True, exist_ok=True)
+        names, keys, index = [], [], 0
+        for number, size in enumerate(sizes):
+            samples = []
+            for _ in range(size):
+                key = f"{split}-{seed:04d}-{index:07d}"
+                members = shards.shapes_members(shapes.make_sample(seed, index))
+                samples.append((key, edit(key, members) if edit else members))
+                index += 1
+            name = f"{split}-{number:06d}.tar"
+            write_tar(out / name, samples)
+            names.append(name)
+            keys.append([k for k, _ in samples])
+        shards.update_sizes(out, dict(zip(names, sizes)))
+        return TinyShards(out, names, keys)
+
+    return make
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., DataConfig]:
+    """Factory: a DataConfig over ``root`` with small batches, no workers, a small shuffle buffer."""
+
+    def make(root: Path | str, **overrides: object) -> DataConfig:
+        base = DataConfig(root=str(root), batch_size=4, val_batch_size=4, num_workers=0, shuffle_buffer=8)
+        return replace(base, **overrides)
+
+    return make
