@@ -1,0 +1,228 @@
+"""Stage 1: the VQ tokenizer as a LightningModule, and `train stage1`.
+
+A training step reconstructs a batch through the quantizer and minimizes
+reconstruction (+ STFT for waveforms) + codebook/commitment (+ optional hinge GAN) loss.
+A validation epoch measures fidelity (PSNR/SSIM or SI-SNR/log-spectral distance), the
+share of reconstructions whose verifier attributes equal the input's, and codebook
+health over the whole epoch (usage, perplexity, dead codes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.func import functional_call
+from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from .. import audio, media, runs
+from ..artifact import save_artifact
+from ..data import verify
+from ..metrics import CodebookUsage
+from ..nn.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from ..nn.tokenizer import Tokenizer
+from .base import StageModule
+
+MEDIA_ITEMS = 16
+
+
+class TokenizerModule(StageModule):
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        self.modality = cfg.modality
+        self.tokenizer = Tokenizer.from_config(cfg)
+        t = cfg.tokenizer
+        q = self.tokenizer.quantizer
+        self.disc = None
+        if t.discriminator.enabled:
+            dims, channels = (2, 3) if self.tokenizer.frontend == "pixels" else (1, self.tokenizer.encoder.conv_in.in_channels)
+            self.disc = PatchDiscriminator(dims, channels, t.discriminator.channels, t.discriminator.layers)
+        self.val_usage = CodebookUsage(q.codebook_size, q.num_codebooks)
+        self.val_agreement = MeanMetric()
+        if self.modality == "image":
+            self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)  # images live in [-1, 1]
+            self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        else:
+            self.val_si_snr = MeanMetric()
+            self.val_lsd = MeanMetric()
+        self._media_batch: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ training
+
+    def reconstruction_loss(self, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        t = self.cfg.tokenizer
+        recon = recon.float()
+        loss = F.l1_loss(recon, target) if t.recon_loss == "l1" else F.mse_loss(recon, target)
+        if self.tokenizer.frontend == "wave" and t.stft_weight > 0:
+            # A waveform's meaning lives in its magnitude spectrum; sample-wise error alone
+            # drives a compressed reconstruction toward silence.
+            loss = loss + t.stft_weight * audio.multi_resolution_stft_loss(recon.squeeze(1), target.squeeze(1))
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        target, recon, q = self.tokenizer(batch[self.modality])
+        rec = self.reconstruction_loss(target, recon)
+        loss = rec + q.loss
+        if self.disc is not None:
+            loss = loss + self.adversarial_terms(target, recon, rec)
+        self.log_dict(
+            {"train/loss": loss.detach(), "train/recon_loss": rec.detach(), "train/quant_loss": q.loss.detach(),
+             "train/perplexity": q.perplexity.float().mean(), "train/batch_usage": q.usage.float().mean()},
+            prog_bar=False, on_step=True, on_epoch=False,
+        )
+        if hasattr(self.tokenizer.quantizer, "restarts"):
+            self.log("train/restarts", self.tokenizer.quantizer.restarts.float().sum(), on_step=True)
+        return self.finite_or_skip(loss)
+
+    def adversarial_terms(self, target: torch.Tensor, recon: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """Hinge GAN: generator and discriminator terms in one loss with disjoint gradients.
+
+        The generator term sees the discriminator through detached weights, and the
+        discriminator term sees a detached reconstruction, so one backward pass and one
+        optimizer update both players exactly as alternating updates on this batch would.
+        """
+        d = self.cfg.tokenizer.discriminator
+        active = float(self.global_step >= d.start_step)
+        frozen = {k: v.detach() for k, v in self.disc.named_parameters()}
+        g_loss = hinge_g_loss(functional_call(self.disc, frozen, (recon,)))
+        d_loss = hinge_d_loss(self.disc(target.detach()), self.disc(recon.detach()))
+        weight = adaptive_weight(rec, g_loss, self.tokenizer.decoder.last_layer) if active else torch.zeros(())
+        self.log_dict({"train/g_loss": g_loss.detach(), "train/d_loss": d_loss.detach(), "train/gan_weight": weight}, on_step=True)
+        # Before start_step both terms are multiplied by 0 but still computed, so that DDP
+        # sees every discriminator parameter used on every step.
+        return active * (d.weight * weight * g_loss + d_loss)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = self.build_optimizer(self.tokenizer.parameters())
+        if self.disc is not None:
+            d = self.cfg.tokenizer.discriminator
+            opt.add_param_group({"params": list(self.disc.parameters()), "lr": d.lr, "weight_decay": 0.0})
+        return {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch[self.modality]
+        valid = batch.get("valid")
+        if valid is not None:
+            x = x[valid.bool()]
+        target, recon_feats, q = self.tokenizer(x)
+        recon = self.tokenizer.to_signal(recon_feats)
+        self.val_usage.update(q.codes)
+        if self.modality == "image":
+            self.val_psnr.update(recon.float(), x.float())
+            self.val_ssim.update(recon.float(), x.float())
+            read_in = verify.verify_images(media.to_uint8_images(x))
+            read_out = verify.verify_images(media.to_uint8_images(recon))
+        else:
+            self.val_si_snr.update(audio.si_snr(recon, x))
+            self.val_lsd.update(audio.log_spectral_distance(recon, x))
+            rate = self.cfg.data.sample_rate
+            read_in = verify.verify_sounds(x.float().cpu().numpy(), rate)
+            read_out = verify.verify_sounds(recon.float().cpu().numpy(), rate)
+        agree = [a == b and None not in a.values() for a, b in zip(read_in, read_out)]
+        self.val_agreement.update(torch.tensor(agree, dtype=torch.float32, device=self.device))
+        if batch_idx == 0:
+            self._media_batch = {"input": x[:MEDIA_ITEMS].detach().cpu(), "recon": recon[:MEDIA_ITEMS].detach().cpu()}
+
+    def on_validation_epoch_end(self) -> None:
+        usage = self.val_usage.compute()
+        self.val_usage.reset()
+        logs = {
+            "val/codebook_usage": usage["usage"].float().mean(),
+            "val/perplexity": usage["perplexity"].float().mean(),
+            "val/dead_codes": usage["dead"].float().sum(),
+            "val/verifier_agreement": self.val_agreement.compute(),
+        }
+        if usage["usage"].dim():  # residual VQ: also one figure per codebook
+            for i, (u, dead) in enumerate(zip(usage["usage"], usage["dead"])):
+                logs[f"val/codebook_usage_{i}"] = u.float()
+                logs[f"val/dead_codes_{i}"] = dead.float()
+        self.val_agreement.reset()
+        if self.modality == "image":
+            logs["val/psnr"], logs["val/ssim"] = self.val_psnr.compute(), self.val_ssim.compute()
+            self.val_psnr.reset()
+            self.val_ssim.reset()
+        else:
+            logs["val/si_snr"], logs["val/lsd"] = self.val_si_snr.compute(), self.val_lsd.compute()
+            self.val_si_snr.reset()
+            self.val_lsd.reset()
+        self.log_dict(logs, sync_dist=False)  # torchmetrics already reduced across ranks
+        self.last_histogram = usage["histogram"].cpu()
+        self.collect_media(usage["histogram"].cpu())
+
+    def collect_media(self, histogram: torch.Tensor) -> None:
+        self.media["val/code_usage"] = ("image", media.histogram_image(histogram.sum(0).numpy()))
+        if self._media_batch is None:
+            return
+        x, y = self._media_batch["input"], self._media_batch["recon"]
+        if self.modality == "image":
+            pairs = torch.stack([x, y], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
+            self.media["val/reconstructions"] = ("image", media.image_grid(media.to_uint8_images(pairs), ncols=8))
+        else:
+            rate = self.cfg.data.sample_rate
+            waves = [w.float().numpy() for pair in zip(x[:4], y[:4]) for w in pair]
+            self.media["val/sounds"] = ("audio", waves, rate)
+            spec = np.concatenate([media.spectrogram_image(w) for w in waves], axis=1)
+            self.media["val/spectrograms"] = ("image", spec)
+        self._media_batch = None
+
+
+# ---------------------------------------------------------------------- train stage1
+
+
+def train_stage1(cfg: DictConfig) -> Path:
+    """Fit a tokenizer, export its artifact and point runs/latest-stage1[-audio] at it."""
+    from ..data.datamodule import ShardDataModule
+    from ..data.prepare import ensure_dataset
+    from ..training import fit, is_global_zero, resolve_run, write_summary
+
+    ensure_dataset(cfg.data)
+    run_dir, resume = resolve_run(cfg)
+    module = TokenizerModule(cfg)
+    datamodule = ShardDataModule(cfg.data, (cfg.modality,), seed=cfg.run.seed)
+    trainer = fit(cfg, module, datamodule, run_dir, resume)
+    if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not is_global_zero():
+        return run_dir
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    export(cfg, module, datamodule, run_dir, metrics)
+    link = runs.update_latest(cfg.run.root, runs.latest_link_name("stage1", cfg.modality), run_dir)
+    write_summary(run_dir, {"stage": "stage1", "modality": cfg.modality, "global_step": trainer.global_step,
+                            "train_seconds": round(module.train_seconds, 1), **metrics})
+    print(f"stage 1 ({cfg.modality}) done in {module.train_seconds / 60:.1f} min: {run_dir} ({link.name})")
+    for key in sorted(metrics):
+        print(f"  {key} = {metrics[key]:.4f}")
+    return run_dir
+
+
+@torch.no_grad()
+def export(cfg: DictConfig, module: TokenizerModule, datamodule: Any, run_dir: Path, metrics: dict[str, float]) -> str:
+    """Write <run>/tokenizer.pt: weights, code counts and latent statistics over the val split."""
+    tokenizer = module.tokenizer.cpu().eval()
+    q = tokenizer.quantizer
+    counts = torch.zeros(q.num_codebooks, q.codebook_size, dtype=torch.long)
+    total, total_sq, n = 0.0, 0.0, 0
+    for batch in datamodule.val_dataloader():
+        x = batch[cfg.modality]
+        if "valid" in batch:
+            x = x[batch["valid"].bool()]
+        codes = tokenizer.encode(x)
+        rows = codes.reshape(1, -1) if q.num_codebooks == 1 else codes.movedim(1, 0).reshape(q.num_codebooks, -1)
+        counts += torch.stack([torch.bincount(r, minlength=q.codebook_size) for r in rows])
+        vec = tokenizer.code_vectors(codes).float()
+        dims = [0] + list(range(2, vec.dim()))
+        total = total + vec.sum(dims)
+        total_sq = total_sq + vec.pow(2).sum(dims)
+        n += vec.numel() // vec.shape[1]
+    mean = total / max(n, 1)
+    std = (total_sq / max(n, 1) - mean.pow(2)).clamp_min(1e-12).sqrt()
+    remap = None
+    if cfg.tokenizer.prune_unused:
+        remap = q.prune(counts)
+        tokenizer.quantizer_args["codebook_size"] = int(q.codebook_size)
+    return save_artifact(run_dir / runs.TOKENIZER_ARTIFACT, tokenizer, counts, mean, std, metrics, remap)

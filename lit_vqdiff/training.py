@@ -1,0 +1,140 @@
+"""Running a stage: prepare data and prerequisites, build the Trainer, fit, export.
+
+`train(cfg)` is what `lit-vqdiff train stage1|stage2` calls. It resolves the run folder
+(new, or an existing one to resume), writes the resolved config there, and wires the
+callbacks every run gets: periodic/preemption checkpoints, random state, media.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from . import runs
+from .callbacks import AtomicCheckpointIO, LastCheckpoint, MediaLogger, RandomState
+from .config import ConfigError, config_hash, load_config, load_saved, save_config
+from .loggers import build_logger
+
+# Lets the ranks Lightning re-launches for DDP join the run folder rank 0 made (one
+# variable per stage: `train stage2` may run stage 1 first in the same process).
+RUN_DIR_ENV = "LIT_VQDIFF_RUN_DIR_{}"
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def _cluster_run_name(cfg: DictConfig) -> str | None:
+    """A run name every rank of a multi-process launch agrees on, without talking."""
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        value = os.environ.get(var)
+        if value and value != "none":
+            tag = cfg.stage if cfg.stage == "stage2" or cfg.modality == "image" else f"stage1-{cfg.modality}"
+            return f"{tag}-job{value}"
+    return None
+
+
+def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The run folder for ``cfg`` (created if new) and the checkpoint to resume, if any."""
+    env = RUN_DIR_ENV.format(cfg.stage.upper() if cfg.stage == "stage2" else f"STAGE1_{cfg.modality.upper()}")
+    joined = os.environ.get(env)
+    if joined:
+        run_dir = Path(joined)
+    elif cfg.run.dir:
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    elif (name := _cluster_run_name(cfg)) is not None:
+        run_dir = Path(cfg.run.root) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = runs.new_run_dir(cfg.run.root, cfg.stage, cfg.get("modality"))
+    os.environ[env] = str(run_dir)
+    ckpt = runs.checkpoint_path(run_dir)
+    previous = ckpt.with_name(ckpt.name + ".prev")
+    resume = ckpt if ckpt.exists() else (ckpt if previous.exists() else None)
+    if is_global_zero():
+        save_config(cfg, run_dir / runs.CONFIG_FILE)
+    return run_dir, resume
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` with the callbacks every run gets."""
+    t = cfg.trainer
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    last = LastCheckpoint(runs.checkpoint_path(run_dir), every_minutes=t.checkpoint_every_minutes)
+    all_callbacks: list[L.Callback] = [last, RandomState(), MediaLogger(run_dir, every=cfg.logger.media_every_val)]
+    all_callbacks += callbacks or []
+    logger = build_logger(cfg, run_dir) if not t.fast_dev_run else False
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        max_time=dt.timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None,
+        val_check_interval=t.val_every_steps,
+        check_val_every_n_epoch=None,  # validation is scheduled in steps: epochs of a stream are arbitrary
+        limit_val_batches=t.limit_val_batches or None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_steps,
+        logger=logger,
+        callbacks=all_callbacks,
+        enable_checkpointing=False,  # LastCheckpoint owns last.ckpt
+        plugins=[AtomicCheckpointIO()],
+        deterministic=t.deterministic,
+        fast_dev_run=t.fast_dev_run,
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train the stage ``cfg.stage`` names; returns the run folder."""
+    if cfg.stage == "stage1":
+        from .stages.tokenizer import train_stage1
+
+        return train_stage1(cfg)
+    from .stages.generator import train_stage2
+
+    return train_stage2(cfg)
+
+
+def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path, resume: Path | None, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """Fit with resume from ``resume`` when given; logs the config hash on every rank."""
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    module.config_hash = config_hash(cfg)
+    started = time.monotonic()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    module.train_seconds = time.monotonic() - started
+    for key in [k for k, v in os.environ.items() if k.startswith("LIT_VQDIFF_RUN_DIR_") and v == str(run_dir)]:
+        del os.environ[key]  # launched: a later run in this process must not join this one
+    return trainer
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Final figures of a run as JSON beside its config (rank 0)."""
+    if is_global_zero():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def stage_config_for(stage: str, overrides: list[str]) -> DictConfig:
+    """Load a stage's config; used when one stage has to run another (stage 2 -> stage 1)."""
+    try:
+        return load_config(stage, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"while preparing {stage}: {err}") from None
+
+
+__all__ = ["train", "fit", "build_trainer", "resolve_run", "write_summary", "load_saved", "stage_config_for"]
