@@ -116,7 +116,7 @@ class LastCheckpoint(L.Callback):
             trainer.should_stop = True
 
     def save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._last_save = time.monotonic()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -177,3 +177,32 @@ class MediaLogger(L.Callback):
                     wandb.log_audio(key, [np.asarray(w) for w in waves], step=step, sample_rate=[rate] * len(waves))
             else:
                 raise ValueError(f"media item {key!r}: unknown kind {item[0]!r}; expected 'image' or 'audio'")
+
+
+class ProgressPrinter(L.Callback):
+    """Plain-text progress for logs and pipes (where a progress bar is noise): a line
+    every ``every`` steps with speed and time left, and the metrics of each validation."""
+
+    def __init__(self, every: int = 100):
+        self.every = max(1, every)
+        self._t0 = time.monotonic()
+        self._step0 = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._step0 = time.monotonic(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every or not trainer.is_global_zero:
+            return
+        rate = (step - self._step0) / max(time.monotonic() - self._t0, 1e-9)
+        left = (trainer.max_steps - step) / rate / 60 if rate > 0 and trainer.max_steps > 0 else float("nan")
+        loss = trainer.callback_metrics.get("train/loss")
+        loss_text = f" loss {float(loss):.4f}" if loss is not None else ""
+        print(f"step {step}/{trainer.max_steps}{loss_text} | {rate:.2f} steps/s | ~{left:.1f} min left", flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        print(f"validation at step {trainer.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())), flush=True)

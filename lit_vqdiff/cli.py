@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -32,7 +33,7 @@ def _config(args: argparse.Namespace) -> int:
 
 def _tokenize(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .token_cache import tokenize_command
+    from .stages.generator import tokenize_command
 
     cfg = load_config("stage2", args.overrides)
     print(json.dumps(tokenize_command(cfg), indent=2))
@@ -111,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lit-vqdiff: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        # Problems with the user's files or arguments: one line, not a traceback
+        # (LIT_VQDIFF_DEBUG=1 shows the traceback).
+        if os.environ.get("LIT_VQDIFF_DEBUG"):
+            raise
+        print(f"lit-vqdiff: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lit-vqdiff: interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,9 @@
 """Typed configuration: dataclass schema, YAML files under conf/, and key=value overrides.
 
-Order of precedence (later wins): schema defaults < conf/<stage>.yaml < group presets
-(conf/<group>/<name>.yaml, picked in the stage file's ``defaults`` or on the command line
-as ``group=name``) < ``key=value`` overrides. Every error is raised before any run folder
+Order of precedence (later wins): schema defaults < presets named in the stage file's
+``defaults`` (conf/<group>/<name>.yaml) < the rest of conf/<stage>.yaml < presets picked
+on the command line as ``group=name`` (and stage 1's conf/modality/<modality>.yaml) <
+``key=value`` overrides. Every error is raised before any run folder
 or file is created, and names the key and value at fault.
 """
 
@@ -110,6 +111,8 @@ class TokenizerConfig:
     downsample: Optional[list[int]] = None  # per-level strides; None = 2 per level
     z_channels: int = 64
     attention: bool = False
+    patch: int = 1  # >1: patch stem/head (strided conv in, sub-pixel conv out) around the conv stack
+    mid: bool = True  # the res-(attention)-res block at the lowest resolution
     recon_loss: str = "l1"  # l1 | l2
     stft_weight: float = 1.0  # audio: multi-resolution STFT magnitude loss
     n_fft: int = 256  # spectrogram frontend
@@ -202,9 +205,9 @@ class SamplingConfig:
     temperature: float = 1.0
     sampler: str = "ddim"  # gaussian: ddim | ddpm
     ddim_steps: int = 50
+    ddpm_steps: int = 250  # respaced ancestral sampling (at most gaussian.num_steps)
     n: int = 200  # samples drawn and evaluated at the end of `train stage2`
-    val_every_steps: int = 1000  # in-training sampling + val/exact_match (0 = off)
-    val_n: int = 64
+    val_n: int = 64  # fixed conditions sampled at each validation for val/exact_match (0 = off)
 
 
 @dataclass
@@ -213,6 +216,7 @@ class TokenizerRefs:
     audio: str = "runs/latest-stage1-audio"
     train_if_missing: bool = True
     cache: bool = True  # train from the token cache (built once per tokenizer checksum)
+    cache_dir: str = ""  # "" = <data.root>/tokens/<modalities>-<digest of the tokenizers' checksums>
 
 
 @dataclass
@@ -251,8 +255,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling.sampler": ("ddim", "ddpm"),
 }
 
-# Config groups: `group=name` on the command line merges conf/<group>/<name>.yaml into `target`.
-GROUPS: dict[str, str] = {"trainer": "trainer", "logger": "logger", "data": "data", "tokenizer": "tokenizer"}
+# Config groups: `group=name` on the command line merges conf/<group>/<name>.yaml into
+# `target` ("" = the root, for presets that touch several sections).
+GROUPS: dict[str, str] = {"trainer": "trainer", "logger": "logger", "data": "data", "modality": ""}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -275,21 +280,25 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_di
     cfg = OmegaConf.structured(SCHEMAS[stage])
     stage_file = conf_dir / f"{stage}.yaml"
     stage_yaml = _read_yaml(stage_file)
-    defaults = dict(stage_yaml.pop("defaults", None) or {})
+    # The stage file's own `defaults` presets come first, so that its body can refine them.
+    for group, name in dict(stage_yaml.pop("defaults", None) or {}).items():
+        cfg = _merge_group(cfg, conf_dir, group, str(name))
     cfg = _merge(cfg, stage_yaml, source=str(stage_file))
 
+    chosen: dict[str, str] = {}
     plain: list[tuple[str, str]] = []
     for key, value in pairs:
         if key in GROUPS and OmegaConf.is_dict(cfg.get(key)):
-            defaults[key] = value  # `trainer=ddp` picks a preset instead of replacing the section
+            chosen[key] = value  # `trainer=ddp` picks a preset instead of replacing the section
         else:
             plain.append((key, value))
-    # The tokenizer architecture follows the modality unless a preset was picked by hand.
-    if stage == "stage1" and "tokenizer" not in {k for k, _ in pairs}:
+    # Stage 1's defaults follow the modality (conf/modality/<name>.yaml: tokenizer
+    # architecture, batch size, steps); explicit overrides still win.
+    if stage == "stage1":
         modality = dict(plain).get("modality", cfg.modality)
-        if (conf_dir / "tokenizer" / f"{modality}.yaml").exists():
-            defaults["tokenizer"] = modality
-    for group, name in defaults.items():
+        if (conf_dir / "modality" / f"{modality}.yaml").exists():
+            chosen = {"modality": modality, **chosen}
+    for group, name in chosen.items():
         cfg = _merge_group(cfg, conf_dir, group, str(name))
     for key, value in plain:
         cfg = _apply_override(cfg, key, value)
@@ -326,7 +335,8 @@ def _merge_group(cfg: DictConfig, conf_dir: Path, group: str, name: str) -> Dict
     if not path.exists():
         options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
         raise ConfigError(f"{group}={name}: no preset conf/{group}/{name}.yaml; choose one of {options} or set {group}.<key>=...")
-    return _merge(cfg, {GROUPS[group]: _read_yaml(path)}, source=str(path))
+    data = _read_yaml(path)
+    return _merge(cfg, {GROUPS[group]: data} if GROUPS[group] else data, source=str(path))
 
 
 def _merge(cfg: DictConfig, data: dict[str, Any], source: str) -> DictConfig:

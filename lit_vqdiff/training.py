@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,17 @@ import torch
 from omegaconf import DictConfig
 
 from . import runs
-from .callbacks import AtomicCheckpointIO, LastCheckpoint, MediaLogger, RandomState
+from .callbacks import AtomicCheckpointIO, LastCheckpoint, MediaLogger, ProgressPrinter, RandomState
 from .config import ConfigError, config_hash, load_config, load_saved, save_config
 from .loggers import build_logger
 
 # Lets the ranks Lightning re-launches for DDP join the run folder rank 0 made (one
 # variable per stage: `train stage2` may run stage 1 first in the same process).
+# Lightning's advertisement for its cloud logger and a deprecation inside Lightning itself
+# are noise in every run's output; neither is actionable here.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
 RUN_DIR_ENV = "LIT_VQDIFF_RUN_DIR_{}"
 
 
@@ -72,6 +80,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
         torch.set_num_threads(t.threads)
     last = LastCheckpoint(runs.checkpoint_path(run_dir), every_minutes=t.checkpoint_every_minutes)
     all_callbacks: list[L.Callback] = [last, RandomState(), MediaLogger(run_dir, every=cfg.logger.media_every_val)]
+    interactive = sys.stdout.isatty()
+    if not interactive:
+        all_callbacks.append(ProgressPrinter(every=max(t.log_every_steps, t.max_steps // 20)))
     all_callbacks += callbacks or []
     logger = build_logger(cfg, run_dir) if not t.fast_dev_run else False
     return L.Trainer(
@@ -96,6 +107,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
         fast_dev_run=t.fast_dev_run,
         default_root_dir=str(run_dir),
         enable_model_summary=False,
+        enable_progress_bar=interactive,
     )
 
 

@@ -82,3 +82,44 @@ def tiny_config() -> Callable[..., DataConfig]:
         return replace(base, **overrides)
 
     return make
+
+
+# ----------------------------------------------------------------------------- runs (stages, CLI)
+
+import os  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B never reaches a server in tests and writes only inside the test's folder."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for key in [k for k in os.environ if k.startswith("LIT_VQDIFF_RUN_DIR_")]:
+        monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small shapes-v1 shard set (512 train, 128 val) shared by the stage tests."""
+    root = tmp_path_factory.mktemp("shapes-v1")
+    shards.write_shapes_set(root, train_samples=512, val_samples=128, train_seed=0, val_seed=1, shard_size=128)
+    return root
+
+
+def tiny_stage1(root: Path, runs: Path, *extra: str) -> list[str]:
+    """Overrides for a stage-1 run that takes seconds."""
+    return [f"data.root={root}", f"run.root={runs}", "data.batch_size=16", "data.val_batch_size=64", "data.num_workers=0",
+            "tokenizer.channels=32", "tokenizer.num_res_blocks=1", "tokenizer.quantizer.codebook_size=64",
+            "trainer.max_steps=30", "trainer.val_every_steps=30", "logger=csv", "trainer.threads=1", *extra]
+
+
+def tiny_stage2(root: Path, runs: Path, *extra: str) -> list[str]:
+    """Overrides for a stage-2 run that takes seconds (tokenizers from ``runs``)."""
+    return [f"data.root={root}", f"run.root={runs}", "data.batch_size=16", "data.val_batch_size=64", "data.num_workers=0",
+            f"tokenizers.image={runs}/latest-stage1", f"tokenizers.audio={runs}/latest-stage1-audio",
+            "tokenizers.train_if_missing=false", "generator.depth=2", "generator.width=64", "generator.heads=2",
+            "generator.cond_depth=1", "sampling.steps=4", "sampling.val_n=4", "sampling.n=8",
+            "trainer.max_steps=30", "trainer.val_every_steps=30", "trainer.limit_val_batches=1", "logger=csv",
+            "trainer.threads=1", *extra]

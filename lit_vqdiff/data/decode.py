@@ -9,6 +9,8 @@ Per modality:
   LongTensor of ``text_bytes`` values, padded with ``TEXT_PAD`` (256), plus ``text_mask``
   (True on real bytes). Text longer than ``text_bytes`` is cut at a character boundary.
 - ``class``: ``cls`` as a decimal integer -> ``label``.
+- ``image_codes`` / ``audio_codes``: a token cache's ``<modality>_codes.npy`` (integer
+  array of a frozen tokenizer's codes) -> LongTensor.
 
 Anything wrong with a sample raises ``SampleError`` whose ``reason`` is one of
 ``SKIP_REASONS``; the pipeline counts it instead of crashing.
@@ -28,7 +30,8 @@ from PIL import Image
 
 from ..audio import resample
 
-MODALITIES = ("image", "audio", "text", "class")
+CODE_MODALITIES = ("image_codes", "audio_codes")
+MODALITIES = ("image", "audio", "text", "class", *CODE_MODALITIES)
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTS = ("wav", "flac")
 TEXT_PAD = 256  # outside the byte range: a byte-level model needs a vocabulary of 257
@@ -41,6 +44,7 @@ SKIP_REASONS = (
     "sample_rate",  # sound at a rate the config does not accept
     "bad_text",  # text that is not UTF-8, or json that does not parse
     "bad_label",  # cls that is not a non-negative integer
+    "bad_codes",  # a token-cache member that is not an integer .npy array
     "truncated",  # a shard ended (or failed) before its planned samples
     "unreadable",  # a shard that could not be opened or read at all
 )
@@ -211,7 +215,21 @@ def decode_sample(members: Mapping[str, bytes], spec: DecodeSpec) -> dict[str, A
         if "cls" not in members:
             raise SampleError("missing_member", f"class needs cls, sample has {sorted(members)}")
         out["label"] = label_of(members["cls"])
+    for modality in CODE_MODALITIES:
+        if modality in spec.modalities:
+            out[modality] = codes_of(first_member(members, (f"{modality}.npy",), modality))
     return out
+
+
+def codes_of(data: bytes) -> torch.Tensor:
+    """``.npy`` bytes of integer codes -> LongTensor."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise SampleError("bad_codes", f"{type(err).__name__}: {err}") from None
+    if not np.issubdtype(array.dtype, np.integer):
+        raise SampleError("bad_codes", f"codes have dtype {array.dtype}, expected integers")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def wav_of_file(path: Path) -> tuple[bytes, dict[str, int]]:
     return encode_wav(wave.mean(axis=1), rate), {"sample_rate": rate, "channels": wave.shape[1]}
 
 
-def _tar_member(name: str, size: int) -> tarfile.TarInfo:
+def tar_member(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o444
     info.uid = info.gid = 0
@@ -88,7 +88,7 @@ class ShardWriter:
         assert self._tar is not None
         for ext in sorted(members):
             data = members[ext]
-            self._tar.addfile(_tar_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            self._tar.addfile(tar_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self._count += 1
         self.sizes[self._name] = self._count
 

@@ -20,6 +20,9 @@ from torch import nn
 OUTPUT_INIT_SCALE = 0.01
 MAX_GROUPS = 32
 HEAD_DIM = 64
+# Widths of the full-resolution layers of the patch stem and head: kept narrow, since
+# every layer at full resolution costs patch^2 times one on the patch grid.
+STEM_CHANNELS, HEAD_CHANNELS = 32, 16
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -122,13 +125,53 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=self.stride, mode="nearest"))
 
 
-def middle(dims: int, channels: int, attention: bool) -> nn.Sequential:
-    """The block at the lowest resolution: res, (attention), res."""
+def middle(dims: int, channels: int, attention: bool, enabled: bool = True) -> nn.Module:
+    """The block at the lowest resolution: res, (attention), res; or nothing."""
+    if not enabled:
+        return nn.Identity()
     layers = [ResBlock(dims, channels, channels)]
     if attention:
         layers.append(SelfAttention(dims, channels))
     layers.append(ResBlock(dims, channels, channels))
     return nn.Sequential(*layers)
+
+
+def shuffle_up(x: torch.Tensor, patch: int, dims: int) -> torch.Tensor:
+    """(B, C * p^d, *S) -> (B, C, *S * p): channels become the positions inside each patch."""
+    if dims == 2:
+        return F.pixel_shuffle(x, patch)
+    b, cp, t = x.shape
+    return x.view(b, cp // patch, patch, t).transpose(2, 3).reshape(b, cp // patch, t * patch)
+
+
+class PatchStem(nn.Module):
+    """Full-resolution conv, then a p x p (or p) strided conv: the input enters the network
+    directly at the patch grid, so no layer runs wide at full resolution."""
+
+    def __init__(self, dims: int, in_channels: int, out_channels: int, patch: int):
+        super().__init__()
+        self.conv = conv_nd(dims, in_channels, STEM_CHANNELS, 3, padding=1)
+        self.patchify = conv_nd(dims, STEM_CHANNELS, out_channels, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patchify(F.silu(self.conv(x)))
+
+
+class PatchHead(nn.Module):
+    """Each grid cell predicts its p x p patch (sub-pixel conv), then two narrow
+    full-resolution convs let neighbouring patches agree on edges."""
+
+    def __init__(self, dims: int, in_channels: int, out_channels: int, patch: int):
+        super().__init__()
+        self.dims, self.patch = dims, patch
+        self.norm = group_norm(in_channels)
+        self.expand = conv_nd(dims, in_channels, HEAD_CHANNELS * patch**dims, 1)
+        self.refine = conv_nd(dims, HEAD_CHANNELS, HEAD_CHANNELS, 3, padding=1)
+        self.conv_out = conv_nd(dims, HEAD_CHANNELS, out_channels, 3, padding=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = shuffle_up(self.expand(F.silu(self.norm(h))), self.patch, self.dims)
+        return self.conv_out(F.silu(self.refine(F.silu(h))))
 
 
 class Encoder(nn.Module):
@@ -150,12 +193,17 @@ class Encoder(nn.Module):
         z_channels: int,
         downsample: Sequence[int] | None = None,
         attention: bool = False,
+        patch: int = 1,
+        mid: bool = True,
     ):
         super().__init__()
         strides = check_architecture(dims, channels, channel_mult, num_res_blocks, downsample)
         self.dims, self.in_channels, self.strides = dims, in_channels, strides
-        self.factor = math.prod(strides)
-        self.conv_in = conv_nd(dims, in_channels, channels, 3, padding=1)
+        self.factor = math.prod(strides) * patch
+        if patch > 1:
+            self.conv_in: nn.Module = PatchStem(dims, in_channels, channels, patch)
+        else:
+            self.conv_in = conv_nd(dims, in_channels, channels, 3, padding=1)
         blocks: list[nn.Module] = []
         width = channels
         for level, mult in enumerate(channel_mult):
@@ -165,7 +213,7 @@ class Encoder(nn.Module):
             if level < len(strides) and strides[level] > 1:
                 blocks.append(Downsample(dims, width, strides[level]))
         self.down = nn.Sequential(*blocks)
-        self.mid = middle(dims, width, attention)
+        self.mid = middle(dims, width, attention, mid)
         self.norm_out = group_norm(width)
         self.conv_out = conv_nd(dims, width, z_channels, 3, padding=1)
 
@@ -203,14 +251,16 @@ class Decoder(nn.Module):
         z_channels: int,
         downsample: Sequence[int] | None = None,
         attention: bool = False,
+        patch: int = 1,
+        mid: bool = True,
     ):
         super().__init__()
         strides = check_architecture(dims, channels, channel_mult, num_res_blocks, downsample)
         self.dims, self.z_channels, self.strides = dims, z_channels, strides
-        self.factor = math.prod(strides)
+        self.factor = math.prod(strides) * patch
         width = channels * channel_mult[-1]
         self.conv_in = conv_nd(dims, z_channels, width, 3, padding=1)
-        self.mid = middle(dims, width, attention)
+        self.mid = middle(dims, width, attention, mid)
         blocks: list[nn.Module] = []
         for level in reversed(range(len(channel_mult))):
             for _ in range(num_res_blocks):
@@ -219,16 +269,24 @@ class Decoder(nn.Module):
             if level > 0 and strides[level - 1] > 1:
                 blocks.append(Upsample(dims, width, strides[level - 1]))
         self.up = nn.Sequential(*blocks)
-        self.norm_out = group_norm(width)
-        self.conv_out = conv_nd(dims, width, out_channels, 3, padding=1)
+        self.head: PatchHead | None = None
+        if patch > 1:
+            self.head = PatchHead(dims, width, out_channels, patch)
+        else:
+            self.norm_out = group_norm(width)
+            self.conv_out = conv_nd(dims, width, out_channels, 3, padding=1)
         with torch.no_grad():
-            self.conv_out.weight.mul_(OUTPUT_INIT_SCALE)
-            self.conv_out.bias.zero_()
+            self.output_conv.weight.mul_(OUTPUT_INIT_SCALE)
+            self.output_conv.bias.zero_()
+
+    @property
+    def output_conv(self) -> nn.Module:
+        return self.head.conv_out if self.head is not None else self.conv_out
 
     @property
     def last_layer(self) -> nn.Parameter:
         """Weight of the output conv: where the adaptive GAN weight compares gradient norms."""
-        return self.conv_out.weight
+        return self.output_conv.weight
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != self.dims + 2 or z.shape[1] != self.z_channels:
@@ -237,4 +295,6 @@ class Decoder(nn.Module):
                 f"got {tuple(z.shape)}"
             )
         h = self.up(self.mid(self.conv_in(z)))
+        if self.head is not None:
+            return self.head(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -26,7 +26,8 @@ from .quantizers import QuantizerOutput, build_quantizer
 # mapped to roughly [-1, 1] so that the decoder's output range matches images'.
 SPEC_LOG_FLOOR = 1e-3
 SPEC_LOG_CENTER, SPEC_LOG_SCALE = -1.5, 5.5
-ARCH_KEYS = ("channels", "channel_mult", "num_res_blocks", "z_channels", "downsample", "attention", "n_fft", "hop", "griffin_lim_iters")
+ARCH_KEYS = ("channels", "channel_mult", "num_res_blocks", "z_channels", "downsample", "attention", "patch", "mid",
+             "n_fft", "hop", "griffin_lim_iters")
 
 
 class Tokenizer(nn.Module):
@@ -42,6 +43,7 @@ class Tokenizer(nn.Module):
         conv_args = dict(
             channels=arch["channels"], channel_mult=list(arch["channel_mult"]), num_res_blocks=arch["num_res_blocks"],
             z_channels=arch["z_channels"], downsample=arch.get("downsample"), attention=arch.get("attention", False),
+            patch=arch.get("patch", 1), mid=arch.get("mid", True),
         )
         self.encoder = Encoder(dims, channels_in, **conv_args)
         self.decoder = Decoder(dims, channels_in, **conv_args)

@@ -10,6 +10,8 @@ conditions, samples with the EMA weights and reports verifier accuracy.
 
 from __future__ import annotations
 
+import warnings
+import json
 from typing import Any
 
 import numpy as np
@@ -25,10 +27,14 @@ from ..diffusion.masked import MaskedDiffusion
 from ..nn.conditions import ByteTextEncoder, ClassCondition, CodeEncoder, Condition, drop_mask
 from ..nn.dit import DIT_PRESETS, DiT
 from ..nn.tokenizer import Tokenizer
-from ..tasks import TokenSpace, parse_task, raw_batch, token_space
+from ..tasks import CODED, TokenSpace, parse_task, raw_batch, token_space
 from .base import StageModule
 
 MEDIA_ITEMS = 16
+
+# The frozen tokenizers stay in eval mode on purpose; Lightning's warning about modules
+# in eval mode at the start of training would fire on every stage-2 run.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 class GeneratorModule(StageModule):
@@ -42,8 +48,7 @@ class GeneratorModule(StageModule):
         # Frozen, eval-mode tokenizers travel inside the module so that a stage-2
         # checkpoint alone can sample (`lit-vqdiff sample --ckpt ...`).
         self.tokenizers = nn.ModuleDict(tokenizers)
-        for tok in self.tokenizers.values():
-            tok.eval().requires_grad_(False)
+        self.tokenizers.eval().requires_grad_(False)
         text_bytes = cfg.data.text_bytes
         self.source = token_space(self.source_modality, dict(self.tokenizers), text_bytes)
         self.target = token_space(self.target_modality, dict(self.tokenizers), text_bytes)
@@ -100,10 +105,8 @@ class GeneratorModule(StageModule):
     def diffusion_loss(self, batch: dict[str, Any], drop: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         target = self.target.tokens(batch)
         cond = self.condition(batch, drop)
-        if self.gaussian:
-            loss = self.diffusion.loss(self.dit, self.to_latents(target), cond)
-            return (loss[0], loss[1]) if isinstance(loss, tuple) else (loss, {})
-        return self.diffusion.loss(self.dit, target, cond)
+        x0 = self.to_latents(target) if self.gaussian else target
+        return self.diffusion.loss(self.dit, x0, cond)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         # important! dropping the condition in training is what gives the model an
@@ -141,7 +144,7 @@ class GeneratorModule(StageModule):
             if s.sampler == "ddim":
                 latents = self.diffusion.ddim_sample(self.dit, shape, cond, uncond, guidance=guidance, steps=s.ddim_steps, generator=generator, device=self.device)
             else:
-                latents = self.diffusion.ddpm_sample(self.dit, shape, cond, uncond, guidance=guidance, generator=generator, device=self.device)
+                latents = self.diffusion.ddpm_sample(self.dit, shape, cond, uncond, guidance=guidance, steps=s.ddpm_steps, generator=generator, device=self.device)
             return self.from_latents(latents)
         return self.diffusion.sample(self.dit, (n, *self.target.shape), cond, uncond, steps=steps,
                                      temperature=temperature, guidance=guidance, generator=generator, device=self.device)
@@ -246,15 +249,53 @@ def ensure_tokenizers(cfg: DictConfig) -> tuple[dict[str, Tokenizer], dict[str, 
     return tokenizers, meta
 
 
-def stage2_modalities(task: str) -> tuple[str, ...]:
-    """Raw batch members a task reads when it encodes on the fly."""
-    return tuple(dict.fromkeys(parse_task(task)))
+def stage2_modalities(task: str, cached: bool = False) -> tuple[str, ...]:
+    """Batch members a task reads: raw inputs, or a token cache's codes for coded modalities."""
+    return tuple(f"{m}_codes" if cached and m in CODED else m for m in dict.fromkeys(parse_task(task)))
+
+
+def prepare_token_cache(cfg: DictConfig, tokenizers: dict[str, Tokenizer], meta: dict[str, dict[str, Any]]) -> DictConfig | None:
+    """The data config of the token cache for these tokenizers, building the cache first
+    if it is missing (rank 0; other processes wait); None when the task needs no codes."""
+    import copy
+    import os
+    import time
+    from pathlib import Path
+
+    from ..data.tokens import build_cache, check_cache, default_cache_dir
+
+    if not tokenizers:
+        return None
+    checksums = {m: meta[m]["checksum"] for m in tokenizers}
+    cache = Path(cfg.tokenizers.cache_dir) if cfg.tokenizers.cache_dir else default_cache_dir(cfg.data, checksums)
+    if not check_cache(cache, checksums):
+        if int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"building the token cache {cache} (once for these tokenizers)")
+            summary = build_cache(cfg.data, tokenizers, checksums, cache)
+            print(f"token cache: {json.dumps(summary['splits'])}")
+        else:
+            while not check_cache(cache, checksums):
+                time.sleep(1.0)
+    data = copy.deepcopy(cfg.data)
+    data.root, data.train, data.val, data.sizes = str(cache), "", "", ""
+    return data
+
+
+def tokenize_command(cfg: DictConfig) -> dict[str, Any]:
+    """`lit-vqdiff tokenize`: make sure the token cache of the task's tokenizers exists."""
+    from ..data.prepare import ensure_dataset
+
+    ensure_dataset(cfg.data)
+    tokenizers, meta = ensure_tokenizers(cfg)
+    if not tokenizers:
+        raise ValueError(f"task {cfg.task} uses no tokenizer: there is nothing to cache")
+    data = prepare_token_cache(cfg, tokenizers, meta)
+    assert data is not None
+    return {"cache": data.root, "tokenizers": {m: meta[m]["checksum"][:12] for m in tokenizers}}
 
 
 def train_stage2(cfg: DictConfig) -> Any:
     """Fit the generator, then sample ``sampling.n`` conditions and print the evaluation."""
-    import json
-
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     from .. import runs
@@ -266,9 +307,10 @@ def train_stage2(cfg: DictConfig) -> Any:
 
     ensure_dataset(cfg.data)
     tokenizers, meta = ensure_tokenizers(cfg)
+    cached = prepare_token_cache(cfg, tokenizers, meta) if cfg.tokenizers.cache else None
     run_dir, resume = resolve_run(cfg)
     module = GeneratorModule(cfg, tokenizers, meta)
-    datamodule = ShardDataModule(cfg.data, stage2_modalities(cfg.task), seed=cfg.run.seed)
+    datamodule = ShardDataModule(cached or cfg.data, stage2_modalities(cfg.task, cached is not None), seed=cfg.run.seed)
     ema = EMAWeightAveraging(decay=cfg.generator.ema_decay, use_buffers=False)
     trainer = fit(cfg, module, datamodule, run_dir, resume, callbacks=[ema])
     if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not is_global_zero():

@@ -1,0 +1,145 @@
+"""The token cache: a shard set encoded once by frozen tokenizers, for stage 2.
+
+Each source shard becomes a token shard of the same name and sample count, holding per
+sample ``<modality>_codes.npy`` for every tokenizer plus the source's small members
+(``txt``, ``cls``, ``json``). The cache lives in ``<data.root>/tokens/<name>`` where the
+name carries a digest of the tokenizers' checksums, and ``tokens.json`` records them:
+a cache made by other tokenizers is never used by mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .datamodule import resolve_shards
+from .decode import DecodeSpec, SampleError, decode_sample
+from .pipeline import RawSample, read_shard
+from .shards import SIZES_FILE, tar_member, staged_directory, update_sizes
+
+META_FILE = "tokens.json"
+FORMAT = "lit_vqdiff.tokens/1"
+KEPT_MEMBERS = ("txt", "cls", "json")  # small source members stage 2 may condition on
+
+
+class TokenCacheError(ValueError):
+    """A cache that does not belong to the tokenizers at hand."""
+
+
+def cache_name(checksums: dict[str, str]) -> str:
+    """``image-<digest>``, ``audio+image-<digest>``: modalities and a digest of their tokenizers."""
+    digest = hashlib.sha256("|".join(f"{m}:{checksums[m]}" for m in sorted(checksums)).encode()).hexdigest()[:16]
+    return f"{'+'.join(sorted(checksums))}-{digest}"
+
+
+def default_cache_dir(data: Any, checksums: dict[str, str]) -> Path:
+    return Path(data.root) / "tokens" / cache_name(checksums)
+
+
+def read_meta(cache: Path) -> dict[str, Any] | None:
+    path = cache / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise TokenCacheError(f"{path}: not valid JSON ({err})") from None
+
+
+def check_cache(cache: Path, checksums: dict[str, str]) -> bool:
+    """True when ``cache`` is complete and made by exactly these tokenizers; False when
+    absent; an error naming both checksums when it was made by others."""
+    meta = read_meta(cache)
+    if meta is None:
+        return False
+    made_by = meta.get("checksums", {})
+    for modality, checksum in checksums.items():
+        if made_by.get(modality) != checksum:
+            raise TokenCacheError(
+                f"token cache {cache} was made by a different {modality} tokenizer "
+                f"(cache: {str(made_by.get(modality))[:12]}, loaded: {checksum[:12]}); "
+                "delete it, point tokenizers.cache_dir elsewhere, or set tokenizers.cache=false"
+            )
+    return True
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def smallest_int_dtype(max_value: int) -> np.dtype:
+    return np.dtype(np.int16) if max_value < 2**15 else np.dtype(np.int32)
+
+
+def batched(items: Iterable[RawSample], size: int) -> Iterable[list[RawSample]]:
+    batch: list[RawSample] = []
+    for item in items:
+        if isinstance(item, RawSample):
+            batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def encode_shard(shard: Any, tar: tarfile.TarFile, tokenizers: dict[str, Any], spec: DecodeSpec, batch_size: int) -> tuple[int, int]:
+    """Encode one source shard into ``tar``; returns (written, skipped)."""
+    written = skipped = 0
+    dtype = smallest_int_dtype(max(t.quantizer.codebook_size for t in tokenizers.values()))
+    for chunk in batched(read_shard(shard, 0, None, True), batch_size):
+        decoded, kept = [], []
+        for sample in chunk:
+            try:
+                decoded.append(decode_sample(sample.members, spec))
+                kept.append(sample)
+            except SampleError:
+                skipped += 1  # the stream counts and reports bad samples when it reads the source
+        if not kept:
+            continue
+        codes = {m: tok.encode(torch.stack([d[m] for d in decoded])).cpu().numpy().astype(dtype) for m, tok in tokenizers.items()}
+        for i, sample in enumerate(kept):
+            members = {f"{m}_codes.npy": npy_bytes(c[i]) for m, c in codes.items()}
+            members |= {k: v for k, v in sample.members.items() if k in KEPT_MEMBERS}
+            for ext in sorted(members):
+                tar.addfile(tar_member(f"{sample.key}.{ext}", len(members[ext])), io.BytesIO(members[ext]))
+            written += 1
+    return written, skipped
+
+
+def build_cache(data: Any, tokenizers: dict[str, Any], checksums: dict[str, str], out: Path, batch_size: int = 256, progress: bool = True) -> dict[str, Any]:
+    """Encode the train and val splits of ``data`` into ``out`` (written whole, or not at all)."""
+    spec = DecodeSpec.from_config(data, tuple(sorted(tokenizers)))
+    summary: dict[str, Any] = {"format": FORMAT, "checksums": dict(checksums), "source": str(data.root), "splits": {}}
+    for tok in tokenizers.values():
+        tok.eval()
+    with staged_directory(out) as stage:
+        for split in ("train", "val"):
+            shards = resolve_shards(data.get(split, ""), data.root, split, data.get("sizes", ""))
+            sizes, skipped = {}, 0
+            iterator: Iterable[Any] = shards
+            if progress:
+                from tqdm import tqdm
+
+                iterator = tqdm(shards, desc=f"tokenize {split}", unit="shard", leave=False)
+            for shard in iterator:
+                with tarfile.open(stage / shard.name, "w", format=tarfile.USTAR_FORMAT) as tar:
+                    written, bad = encode_shard(shard, tar, tokenizers, spec, batch_size)
+                sizes[shard.name], skipped = written, skipped + bad
+            update_sizes(stage, sizes)
+            summary["splits"][split] = {"shards": len(sizes), "samples": sum(sizes.values()), "skipped": skipped}
+        (stage / META_FILE).write_text(json.dumps(summary, indent=1) + "\n")  # last: marks the cache complete
+    return summary
+
+
+__all__ = ["build_cache", "check_cache", "default_cache_dir", "cache_name", "TokenCacheError", "SIZES_FILE"]
