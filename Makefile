@@ -21,11 +21,14 @@ help: ## show this help
 
 install: $(STAMP) ## create .venv with pinned CPU torch and the package (idempotent)
 
+# `sweeps` (W&B's sweep engine, for the offline sweep contract test) goes in with --no-deps:
+# it declares numpy<2 but runs on numpy 2; its own dependencies are in the dev extra.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps 'sweeps==0.3.0'
 	@touch $@
 
 data: install ## write the shapes-v1 shards (train/val) into data/shapes-v1
@@ -43,6 +46,12 @@ train-stage1: install ## train the stage-1 tokenizer (ARGS="modality=audio ...")
 train-stage2: install ## train stage 2 (tokenizer first if missing), sample and evaluate
 	$(CLI) train stage2 $(ARGS)
 
+tokenize: install ## build the token cache of stage 2's tokenizers (ARGS="task=image->audio ...")
+	$(CLI) tokenize $(ARGS)
+
+reconstruct: install ## reconstruct validation samples with a tokenizer (ARGS="--n 64 --out DIR [--modality audio]")
+	$(CLI) reconstruct $(ARGS)
+
 sample: install ## sample from the latest stage-2 run (ARGS="--task text->image --n 200 --out DIR")
 	$(CLI) sample $(ARGS)
 
@@ -51,6 +60,20 @@ eval: install ## evaluate a sample folder (ARGS="DIR")
 
 test: install ## run the test suite (CPU, offline W&B)
 	$(BIN)/python -m pytest $(ARGS)
+
+sweep: install ## create a W&B sweep (SWEEP=conf/sweeps/stage1.yaml); needs `wandb login`
+	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=conf/sweeps/stage1.yaml" >&2; exit 2; }
+	$(BIN)/wandb sweep $(SWEEP)
+
+agent: install ## run a sweep agent here (SWEEP_ID=entity/project/id [COUNT=n])
+	@test -n "$(SWEEP_ID)" || { echo "usage: make agent SWEEP_ID=entity/project/id [COUNT=n]" >&2; exit 2; }
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/wandb agent $(if $(COUNT),--count $(COUNT)) $(SWEEP_ID)
+
+bench: install ## run every benchmark in bench/ (results in bench/results/<name>.json)
+	@for f in bench/*.py; do \
+	  case $$(basename $$f) in common.py) continue;; esac; \
+	  echo "== $$f"; $(BIN)/python $$f || exit 1; \
+	done
 
 clean: ## remove caches and generated files (keeps .venv, data and runs)
 	rm -rf .pytest_cache **/__pycache__ lightning_logs wandb

@@ -1,8 +1,10 @@
-"""Callbacks: periodic and preemption checkpoints, atomic checkpoint files, random-state
-capture for exact resume, and media (grids, sounds, code histograms) to disk and W&B."""
+"""Callbacks: periodic and preemption checkpoints, atomic checkpoint files, per-step seeds
+for exact resume, a check that all ranks run one config, a picklable EMA of the
+weights, and media (grids, sounds, code histograms) to disk and W&B."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -16,9 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import WandbLogger
+from torch.optim.swa_utils import get_ema_avg_fn
 
 from . import media
+from .config import config_hash
 
 PREVIOUS_SUFFIX = ".prev"
 
@@ -63,15 +68,34 @@ def load_checkpoint_file(path: Path, map_location: Any = "cpu") -> dict[str, Any
     raise RuntimeError("no usable checkpoint: " + "; ".join(errors))
 
 
+class Preempted(SystemExit):
+    """Raised after a preemption signal was answered with a checkpoint: the process exits
+    with status 0, and what follows training (export, sampling) does not run on a half-trained model."""
+
+    def __init__(self, message: str):
+        super().__init__(0)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class LastCheckpoint(L.Callback):
-    """Refreshes ``last.ckpt`` every ``every_minutes`` of training and at the end; on
-    SIGTERM or SIGUSR1 saves it and stops cleanly (the run can be resumed with run.dir=...)."""
+    """Refreshes ``last.ckpt`` every ``every_minutes`` of training and/or every
+    ``every_steps`` optimizer steps (a value <= 0 turns that trigger off), and after the
+    last step; on SIGTERM or SIGUSR1 saves it and stops cleanly (the run resumes with
+    run.dir=...).
+
+    Must come after every other callback: a save at the end of a batch then holds what
+    they did with that batch (the EMA update of the weights, for one).
+    """
 
     def __init__(self, path: Path, every_minutes: float = 2.0, every_steps: int = 0):
         self.path = Path(path)
-        self.every_s = every_minutes * 60.0
-        self.every_steps = every_steps
+        self.every_s = every_minutes * 60.0 if every_minutes > 0 else math.inf
+        self.every_steps = max(0, every_steps)
         self._last_save = time.monotonic()
+        self._saved_step = -1
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self.preempted = False
@@ -94,20 +118,17 @@ class LastCheckpoint(L.Callback):
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 
-    def _agreed(self, trainer: L.Trainer, flag: bool) -> bool:
-        """Every rank must take the same decision, or the save's collectives hang."""
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            t = torch.tensor([1.0 if flag else 0.0], device=trainer.strategy.root_device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return bool(t.item() > 0)
-        return flag
+    def _due(self, trainer: L.Trainer) -> bool:
+        by_time = time.monotonic() - self._last_save >= self.every_s
+        return by_time or (self.every_steps > 0 and trainer.global_step % self.every_steps == 0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        due = time.monotonic() - self._last_save >= self.every_s
-        if self.every_steps:
-            due = due or trainer.global_step % self.every_steps == 0
-        signalled = self._agreed(trainer, self._signal is not None)
-        if self._agreed(trainer, due) or signalled:
+        # The last step is saved here, inside its epoch, rather than at on_train_end: a resume
+        # with a larger trainer.max_steps then goes on mid-epoch, and the weights saved are
+        # still the trained ones, not those an EMA callback copies in at the end.
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        due, signalled = agreed_flags(trainer, self._due(trainer) or last_step, self._signal is not None)
+        if due or signalled:
             self.save(trainer)
         if signalled:
             self.preempted = True
@@ -118,31 +139,97 @@ class LastCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
         self._last_save = time.monotonic()
+        self._saved_step = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save(trainer)
+        if trainer.global_step != self._saved_step:  # stopped by the clock (trainer.max_minutes) or another callback
+            self.save(trainer)
         self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
 
 
-class RandomState(L.Callback):
-    """Saves and restores the Python, numpy and torch generators so that a resumed run
-    draws the same masks, noise and restarts as an uninterrupted one."""
+def agreed_flags(trainer: L.Trainer, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over the ranks: every rank must take the same decision, or the
+    collectives inside a checkpoint save wait forever for the rank that skipped it."""
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        t = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v > 0) for v in t.tolist()]
+    return list(flags)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
+class ConfigConsistency(L.Callback):
+    """Checks at the start of fit that every rank resolved the same config (a node with
+    other files, code or environment would silently train another model) and keeps the
+    digests each rank saw in ``pl_module.rank_config_hashes``."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cfg = getattr(pl_module, "cfg", None)
+        if cfg is None:
+            return
+        own = config_hash(cfg)
+        # 16 hex digits as two 32-bit halves: collectives move numbers, not strings.
+        halves = torch.tensor([int(own[:8], 16), int(own[8:], 16)], dtype=torch.long, device=trainer.strategy.root_device)
+        parts = [halves]
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            parts = [torch.zeros_like(halves) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, halves)
+        hashes = [f"{a:08x}{b:08x}" for a, b in (p.tolist() for p in parts)]
+        pl_module.rank_config_hashes = hashes
+        if len(set(hashes)) > 1:
+            listing = ", ".join(f"rank {r}: {h}" for r, h in enumerate(hashes))
+            raise RuntimeError(f"the ranks resolved different configs ({listing}); launch every rank with the same files and overrides")
+
+
+class StepSeed(L.Callback):
+    """Reseeds torch, numpy and Python's generators at the start of every training batch
+    from (run seed, rank, step).
+
+    A resumed run then draws the same masks, noise and dropout as an uninterrupted one,
+    whatever consumed random numbers in between (validation, a new data iterator), and
+    the ranks of a multi-process run draw different ones.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        seed = step_seed(self.seed, trainer.global_rank, trainer.global_step)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed mixed from a run seed, a rank and a step (neighbours give unrelated seeds)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+class EMAWeights(EMAWeightAveraging):
+    """Lightning's EMA of the weights, made picklable: ddp_spawn sends the callbacks to its
+    ranks by pickle, and the parent's averaging function is a closure that cannot travel."""
+
+    def __init__(self, decay: float = 0.999, use_buffers: bool = False):
+        super().__init__(use_buffers=use_buffers, decay=decay)
+        self.decay = decay
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_kwargs"] = {k: v for k, v in self._kwargs.items() if k != "avg_fn"}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._kwargs["avg_fn"] = get_ema_avg_fn(decay=self.decay)
 
 
 class MediaLogger(L.Callback):
     """Writes what a module left in ``pl_module.media`` after validation to
     ``<run>/media/<key>/step-<N>.(png|wav)`` and to W&B when it is the logger.
+
+    W&B gets no explicit step: its step_sync files the media under the step of the
+    validation scalars just logged (Lightning logs those at global_step - 1).
 
     A module fills ``media`` with ``{key: ("image", uint8 HxWx3)}`` or
     ``{key: ("audio", [waves], sample_rate)}``.
@@ -168,13 +255,13 @@ class MediaLogger(L.Callback):
             if item[0] == "image":
                 media.save_png(folder / f"step-{step:07d}.png", item[1])
                 if wandb is not None:
-                    wandb.log_image(key, [item[1]], step=step)
+                    wandb.log_image(key, [item[1]])
             elif item[0] == "audio":
                 waves, rate = item[1], item[2]
                 for i, wave in enumerate(waves):
                     media.save_wav(folder / f"step-{step:07d}-{i}.wav", wave, rate)
                 if wandb is not None:
-                    wandb.log_audio(key, [np.asarray(w) for w in waves], step=step, sample_rate=[rate] * len(waves))
+                    wandb.log_audio(key, [np.asarray(w) for w in waves], sample_rate=[rate] * len(waves))
             else:
                 raise ValueError(f"media item {key!r}: unknown kind {item[0]!r}; expected 'image' or 'audio'")
 

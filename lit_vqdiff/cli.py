@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from .config import ConfigError
+from .errors import NonFiniteLossError
 
 EXIT_CONFIG = 2
 
@@ -112,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lit-vqdiff: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except NonFiniteLossError as err:
+        print(f"lit-vqdiff: training stopped: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         # Problems with the user's files or arguments: one line, not a traceback
         # (LIT_VQDIFF_DEBUG=1 shows the traceback).

@@ -81,6 +81,9 @@ class QuantizerConfig:
     kind: str = "vq"  # vq | rvq | fsq
     codebook_size: int = 512
     lookup_dim: int = 8
+    # Lookups on the unit sphere (cosine matching). For rvq the lookup input is normalized
+    # and the first codebook is cosine-matched; later codebooks quantize the residuals with
+    # plain L2 (residuals are not unit vectors, and their length is what they refine).
     l2_normalize: bool = True
     update: str = "ema"  # ema | grad
     ema_decay: float = 0.99
@@ -114,7 +117,9 @@ class TokenizerConfig:
     patch: int = 1  # >1: patch stem/head (strided conv in, sub-pixel conv out) around the conv stack
     mid: bool = True  # the res-(attention)-res block at the lowest resolution
     recon_loss: str = "l1"  # l1 | l2
-    stft_weight: float = 1.0  # audio: multi-resolution STFT magnitude loss
+    # Audio magnitude-spectrum term: multi-resolution STFT loss (wave frontend), spectral
+    # convergence of linear magnitudes (spectrogram frontend); 0 = off.
+    stft_weight: float = 1.0
     n_fft: int = 256  # spectrogram frontend
     hop: int = 64
     griffin_lim_iters: int = 32
@@ -145,7 +150,8 @@ class TrainerConfig:
     val_every_steps: int = 500
     limit_val_batches: int = 0  # 0 = the whole validation split
     log_every_steps: int = 25
-    checkpoint_every_minutes: float = 2.0
+    checkpoint_every_minutes: float = 2.0  # refresh last.ckpt this often (<= 0: no time trigger)
+    checkpoint_every_steps: int = 0  # also refresh it every N optimizer steps (0: off)
     fast_dev_run: bool = False
     deterministic: bool = False
     compile: bool = False
@@ -188,9 +194,10 @@ class GeneratorConfig:
     width: Optional[int] = None  # None = the preset's
     depth: Optional[int] = None
     heads: Optional[int] = None
-    patch_size: int = 1  # gaussian (latent) inputs only
+    patch_size: int = 1  # codes (or latent cells) per trunk token along each axis
     pos: str = "learned"  # learned | sincos
     cond_depth: int = 2  # layers of the condition encoder (text bytes, codes)
+    cond_patch_size: int = 1  # bytes (or codes per axis) per position of the condition sequence
     cond_dropout: float = 0.1  # classifier-free guidance: share of conditions dropped in training
     mask_schedule: str = "cosine"
     label_smoothing: float = 0.0
@@ -457,6 +464,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be positive")
     if cfg.trainer.devices == 0 or cfg.trainer.devices < -1:
         raise ConfigError(f"trainer.devices={cfg.trainer.devices}: must be positive, or -1 for every device")
+    if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "cpu":
+        # Lightning would silently swap in bf16-mixed; a run must train in the precision it names.
+        raise ConfigError("trainer.precision=16-mixed: float16 mixed precision needs a GPU "
+                          "(trainer.accelerator=gpu); on CPU use trainer.precision=bf16-mixed or 32-true")
+    if "fsdp" in cfg.trainer.strategy and cfg.trainer.accelerator == "cpu":
+        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy}: FSDP needs trainer.accelerator=gpu; on CPU use ddp or ddp_spawn")
     if OmegaConf.select(cfg, "data.num_workers", default=0) < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers}: must be >= 0")
     if cfg.stage == "stage1" and cfg.tokenizer.frontend == "pixels" and cfg.modality != "image":

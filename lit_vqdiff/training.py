@@ -2,7 +2,8 @@
 
 `train(cfg)` is what `lit-vqdiff train stage1|stage2` calls. It resolves the run folder
 (new, or an existing one to resume), writes the resolved config there, and wires the
-callbacks every run gets: periodic/preemption checkpoints, random state, media.
+callbacks every run gets: periodic/preemption checkpoints, per-step seeds, a check
+that every rank runs the same config, media.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch
 from omegaconf import DictConfig
 
 from . import runs
-from .callbacks import AtomicCheckpointIO, LastCheckpoint, MediaLogger, ProgressPrinter, RandomState
+from .callbacks import AtomicCheckpointIO, ConfigConsistency, LastCheckpoint, MediaLogger, Preempted, ProgressPrinter, StepSeed
 from .config import ConfigError, config_hash, load_config, load_saved, save_config
-from .loggers import build_logger
+from .loggers import SafeWandbLogger, build_logger
+from .perf import DataWaitTimer
 
 # Lets the ranks Lightning re-launches for DDP join the run folder rank 0 made (one
 # variable per stage: `train stage2` may run stage 1 first in the same process).
@@ -78,12 +80,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
     t = cfg.trainer
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    last = LastCheckpoint(runs.checkpoint_path(run_dir), every_minutes=t.checkpoint_every_minutes)
-    all_callbacks: list[L.Callback] = [last, RandomState(), MediaLogger(run_dir, every=cfg.logger.media_every_val)]
+    last = LastCheckpoint(runs.checkpoint_path(run_dir), every_minutes=t.checkpoint_every_minutes, every_steps=t.checkpoint_every_steps)
+    all_callbacks: list[L.Callback] = [StepSeed(cfg.run.seed), ConfigConsistency(), DataWaitTimer(),
+                                       MediaLogger(run_dir, every=cfg.logger.media_every_val)]
     interactive = sys.stdout.isatty()
     if not interactive:
         all_callbacks.append(ProgressPrinter(every=max(t.log_every_steps, t.max_steps // 20)))
-    all_callbacks += callbacks or []
+    all_callbacks += [*(callbacks or []), last]  # last: its saves include what the others did with the batch
     logger = build_logger(cfg, run_dir) if not t.fast_dev_run else False
     return L.Trainer(
         accelerator=t.accelerator,
@@ -113,6 +116,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
 
 def train(cfg: DictConfig) -> Path:
     """Train the stage ``cfg.stage`` names; returns the run folder."""
+    # Seeded before the module is built: its initial weights are part of a reproducible run.
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if cfg.stage == "stage1":
         from .stages.tokenizer import train_stage1
 
@@ -123,15 +128,27 @@ def train(cfg: DictConfig) -> Path:
 
 
 def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path, resume: Path | None, callbacks: list[L.Callback] | None = None) -> L.Trainer:
-    """Fit with resume from ``resume`` when given; logs the config hash on every rank."""
+    """Fit, resuming from ``resume`` when given. A run stopped by SIGTERM/SIGUSR1 (after
+    saving) raises Preempted: the process exits with status 0 and the caller's export,
+    sampling and summary do not run."""
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     trainer = build_trainer(cfg, run_dir, callbacks)
     module.config_hash = config_hash(cfg)
     started = time.monotonic()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    finally:
+        for logger in trainer.loggers:
+            if isinstance(logger, SafeWandbLogger):
+                logger.close()  # also under ddp_spawn, where this process made the run the ranks attached to
     module.train_seconds = time.monotonic() - started
     for key in [k for k, v in os.environ.items() if k.startswith("LIT_VQDIFF_RUN_DIR_") and v == str(run_dir)]:
         del os.environ[key]  # launched: a later run in this process must not join this one
+    if any(isinstance(c, LastCheckpoint) and c.preempted for c in trainer.callbacks):
+        message = f"stopped by a signal at step {trainer.global_step}; resume with `lit-vqdiff train {cfg.stage} run.dir={run_dir}`"
+        if trainer.is_global_zero:
+            print(message, flush=True)
+        raise Preempted(message)
     return trainer
 
 

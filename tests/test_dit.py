@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -97,7 +99,7 @@ def test_adaln_zero_blocks_are_identity_and_output_is_zero_at_init():
     after = model(x, t, cond)
     hook.remove()
     assert torch.count_nonzero(after) == 0
-    embedded = model.token_embed(x) + model.pos_embed
+    embedded = model._embed(x) + model.pos_embed
     assert torch.equal(final_norm_input[0], embedded)
 
 
@@ -190,7 +192,7 @@ def test_text_encoder_ignores_padding_and_drop_gives_the_null_condition():
     torch.testing.assert_close(out.pooled, (out.seq * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
     # Real positions do not depend on what the pad embedding holds.
     with torch.no_grad():
-        encoder.byte_embed.weight[PAD_ID] += 5.0
+        encoder.byte_embed.table.weight[PAD_ID] += 5.0
     torch.testing.assert_close(encoder(tokens).seq[mask], out.seq[mask], rtol=0, atol=1e-5)
     dropped = encoder(tokens, drop=torch.tensor([True, False]))
     assert dropped.mask[0].tolist() == [True] + [False] * 11
@@ -224,3 +226,36 @@ def test_drop_mask_rate_and_cat_conditions_pads_shorter_sequences():
     assert both.labels.tolist() == [0, 1, 2, 2] and both.pooled is None
     with pytest.raises(ValueError, match="pooled"):
         cat_conditions(Condition(pooled=torch.zeros(1, 2)), Condition())
+
+
+@pytest.mark.parametrize("seq_shape, patch", [((8, 8), 2), ((8, 8), 4), ((48,), 4)])
+def test_token_patches_group_codes_into_one_trunk_token(seq_shape, patch):
+    torch.manual_seed(0)
+    model = DiT(width=32, depth=0, heads=2, input="tokens", vocab_size=10, seq_shape=seq_shape, patch_size=patch)
+    assert math.prod(model.grid) == math.prod(seq_shape) // patch ** len(seq_shape)
+    torch.nn.init.normal_(model.final.linear.weight)  # zero-initialized: make outputs depend on inputs
+    x = torch.randint(0, 11, (2, *seq_shape))
+    logits = model(x, 0.5)
+    assert logits.shape == (2, *seq_shape, 10)
+    # with no blocks, a code can only change the logits of its own group
+    y = x.clone()
+    y[(0,) + (0,) * len(seq_shape)] = (x[(0,) + (0,) * len(seq_shape)] + 1) % 11
+    changed = (model(y, 0.5) - logits).abs().amax(-1)[0] > 0
+    expected = torch.zeros(seq_shape, dtype=torch.bool)
+    expected[tuple(slice(0, patch) for _ in seq_shape)] = True
+    assert torch.equal(changed, expected)
+
+
+def test_grouped_text_and_code_encoders():
+    torch.manual_seed(0)
+    text = ByteTextEncoder(width=32, depth=1, heads=4, max_bytes=12, patch=4)
+    tokens, _ = encode_text(["red", "a blue ring"], 12)
+    out = text(tokens)
+    # "red" lies in the first group of 4 bytes; "a blue ring" (11 bytes) reaches the third
+    assert out.seq.shape == (2, 3, 32)
+    assert out.mask.tolist() == [[True, False, False], [True, True, True]]
+    codes = CodeEncoder(vocab_size=16, seq_shape=(4, 4), width=32, depth=1, heads=4, patch=2)
+    grid = codes(torch.randint(0, 16, (3, 4, 4)))
+    assert grid.seq.shape == (3, 4, 32) and grid.mask.all()
+    with pytest.raises(ValueError, match="divisible"):
+        ByteTextEncoder(width=32, depth=1, heads=4, max_bytes=10, patch=4)

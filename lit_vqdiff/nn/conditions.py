@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lit_vqdiff.nn.dit import Attention, Mlp, sincos_positions
+from lit_vqdiff.nn.dit import Attention, GroupEmbedding, Mlp, group_codes, sincos_positions
 
 PAD_ID = 256
 BYTE_VOCAB = 257  # byte values 0..255, then the pad id
@@ -151,17 +151,22 @@ class SequenceEncoder(nn.Module):
 
 
 class ByteTextEncoder(SequenceEncoder):
-    """Captions as UTF-8 bytes -> a condition sequence with learned positions."""
+    """Captions as UTF-8 bytes -> a condition sequence with learned positions.
+
+    With ``patch`` > 1, each run of ``patch`` bytes is one position (see GroupEmbedding):
+    a shorter sequence for the encoder and for every cross-attention that reads it.
+    """
 
     def __init__(
-        self, width: int, depth: int, heads: int, max_bytes: int, mlp_ratio: float = 4.0, dropout: float = 0.0
+        self, width: int, depth: int, heads: int, max_bytes: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+        patch: int = 1,
     ):
         super().__init__(width, depth, heads, mlp_ratio, dropout)
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {max_bytes!r}")
-        self.max_bytes = max_bytes
-        self.byte_embed = nn.Embedding(BYTE_VOCAB, width)
-        self.pos_embed = nn.Parameter(torch.randn(1, max_bytes, width) * 0.02)
+        if max_bytes < 1 or patch < 1 or max_bytes % patch:
+            raise ValueError(f"need max_bytes >= 1 divisible by patch >= 1, got {max_bytes!r} and {patch!r}")
+        self.max_bytes, self.patch = max_bytes, patch
+        self.byte_embed = GroupEmbedding(BYTE_VOCAB, patch, width)
+        self.pos_embed = nn.Parameter(torch.randn(1, max_bytes // patch, width) * 0.02)
 
     def forward(self, tokens: Tensor, drop: Tensor | None = None) -> Condition:
         """tokens (B, max_bytes) from ``encode_text``; drop (B,) bool rows get the null condition."""
@@ -169,7 +174,9 @@ class ByteTextEncoder(SequenceEncoder):
             raise ValueError(
                 f"tokens must be long of shape (B, {self.max_bytes}), got {tokens.dtype} {tuple(tokens.shape)}"
             )
-        return self.encode(self.byte_embed(tokens) + self.pos_embed, tokens != PAD_ID, drop)
+        groups = tokens.view(tokens.shape[0], -1, self.patch)
+        mask = (groups != PAD_ID).any(dim=-1)  # a position is real when any of its bytes is
+        return self.encode(self.byte_embed(groups) + self.pos_embed, mask, drop)
 
 
 class CodeEncoder(SequenceEncoder):
@@ -184,13 +191,18 @@ class CodeEncoder(SequenceEncoder):
         heads: int,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        patch: int = 1,
     ):
         super().__init__(width, depth, heads, mlp_ratio, dropout)
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size!r}")
         self.seq_shape = tuple(int(s) for s in seq_shape)
-        self.code_embed = nn.Embedding(vocab_size, width)
-        self.register_buffer("pos_embed", sincos_positions(self.seq_shape, width)[None], persistent=False)
+        if patch < 1 or any(s % patch for s in self.seq_shape):
+            raise ValueError(f"seq_shape {self.seq_shape} must be divisible by patch {patch}")
+        self.patch = patch
+        self.code_embed = GroupEmbedding(vocab_size, patch ** len(self.seq_shape), width)
+        grid = tuple(s // patch for s in self.seq_shape)
+        self.register_buffer("pos_embed", sincos_positions(grid, width)[None], persistent=False)
 
     def forward(self, codes: Tensor, drop: Tensor | None = None) -> Condition:
         """codes (B, L) or (B, *seq_shape) long; drop (B,) bool rows get the null condition."""
@@ -200,9 +212,9 @@ class CodeEncoder(SequenceEncoder):
                 f"codes must be long of shape (B, {length}) or (B, *{self.seq_shape}), "
                 f"got {codes.dtype} {tuple(codes.shape)}"
             )
-        codes = codes.reshape(codes.shape[0], length)
-        mask = torch.ones_like(codes, dtype=torch.bool)
-        return self.encode(self.code_embed(codes) + self.pos_embed, mask, drop)
+        h = self.code_embed(group_codes(codes, self.seq_shape, self.patch)) + self.pos_embed
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        return self.encode(h, mask, drop)
 
 
 class ClassCondition(nn.Module):

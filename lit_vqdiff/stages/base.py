@@ -11,9 +11,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many non-finite losses in a row (a checkpoint was saved first)."""
+from ..errors import NonFiniteLossError
 
 
 class StageModule(L.LightningModule):
@@ -54,6 +52,20 @@ class StageModule(L.LightningModule):
     def scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda), "interval": "step"}
 
+    # ------------------------------------------------------------------ data health
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % max(1, self.cfg.trainer.log_every_steps) == 0:
+            self.log_skipped_samples()
+
+    def log_skipped_samples(self) -> None:
+        """``data/skipped_<reason>``: samples the stream skipped so far, summed over ranks."""
+        skipped = getattr(self.trainer.datamodule, "skipped", None)
+        if skipped is None:
+            return
+        counts = {f"data/skipped_{reason}": float(n) for reason, n in skipped().items()}
+        self.log_dict(counts, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
+
     # ------------------------------------------------------------------ guards
 
     def finite_or_skip(self, loss: torch.Tensor) -> torch.Tensor | None:
@@ -65,12 +77,13 @@ class StageModule(L.LightningModule):
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() == 0:
-            self.nonfinite_in_row = 0
-            return loss
-        self.nonfinite_in_row += 1
-        self.skipped_nonfinite += 1
+        finite = bad.item() == 0
+        self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
+        self.skipped_nonfinite += 0 if finite else 1
+        # Logged on every step, so that it reads as a running total on any logger.
         self.log("train/skipped_nonfinite", self.skipped_nonfinite.float(), on_step=True, rank_zero_only=True)
+        if finite:
+            return loss
         if self.nonfinite_in_row >= self.max_nonfinite_in_row:
             self._stop_on_nonfinite()
         return None

@@ -70,19 +70,19 @@ class GeneratorModule(StageModule):
             self.register_buffer("latent_mean", torch.tensor(stats["latent_mean"]).reshape(shape))
             self.register_buffer("latent_std", torch.tensor(stats["latent_std"]).reshape(shape))
         else:
-            self.dit = DiT(input="tokens", vocab_size=self.target.vocab, seq_shape=self.target.shape, **common)
+            self.dit = DiT(input="tokens", vocab_size=self.target.vocab, seq_shape=self.target.shape, patch_size=g.patch_size, **common)
             self.diffusion = MaskedDiffusion(self.target.vocab, schedule=g.mask_schedule, label_smoothing=g.label_smoothing)
         self.val_loss = MeanMetric()
         self._val_conditions: dict[str, torch.Tensor] | None = None
         self._val_readings: dict[str, float] | None = None
 
     def _condition_encoder(self, source: TokenSpace, width: int, heads: int) -> nn.Module:
-        depth = self.cfg.generator.cond_depth
+        depth, patch = self.cfg.generator.cond_depth, self.cfg.generator.cond_patch_size
         if source.modality == "class":
             return ClassCondition(shapes.NUM_CLASSES)
         if source.modality == "text":
-            return ByteTextEncoder(width, depth, heads, source.shape[0])
-        return CodeEncoder(source.vocab, source.shape, width, depth, heads)
+            return ByteTextEncoder(width, depth, heads, source.shape[0], patch=patch)
+        return CodeEncoder(source.vocab, source.shape, width, depth, heads, patch=patch)
 
     # ------------------------------------------------------------------ pieces
 
@@ -258,6 +258,7 @@ def prepare_token_cache(cfg: DictConfig, tokenizers: dict[str, Tokenizer], meta:
     """The data config of the token cache for these tokenizers, building the cache first
     if it is missing (rank 0; other processes wait); None when the task needs no codes."""
     import copy
+    import fcntl
     import os
     import time
     from pathlib import Path
@@ -270,9 +271,15 @@ def prepare_token_cache(cfg: DictConfig, tokenizers: dict[str, Tokenizer], meta:
     cache = Path(cfg.tokenizers.cache_dir) if cfg.tokenizers.cache_dir else default_cache_dir(cfg.data, checksums)
     if not check_cache(cache, checksums):
         if int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"building the token cache {cache} (once for these tokenizers)")
-            summary = build_cache(cfg.data, tokenizers, checksums, cache)
-            print(f"token cache: {json.dumps(summary['splits'])}")
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            # Two runs starting at once (e.g. two sweep agents) build it once: the second
+            # waits on the lock, then finds the cache complete.
+            with open(cache.parent / f".{cache.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not check_cache(cache, checksums):
+                    print(f"building the token cache {cache} (once for these tokenizers)")
+                    summary = build_cache(cfg.data, tokenizers, checksums, cache)
+                    print(f"token cache: {json.dumps(summary['splits'])}")
         else:
             while not check_cache(cache, checksums):
                 time.sleep(1.0)
@@ -296,9 +303,8 @@ def tokenize_command(cfg: DictConfig) -> dict[str, Any]:
 
 def train_stage2(cfg: DictConfig) -> Any:
     """Fit the generator, then sample ``sampling.n`` conditions and print the evaluation."""
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-
     from .. import runs
+    from ..callbacks import EMAWeights
     from ..data.datamodule import ShardDataModule
     from ..data.prepare import ensure_dataset
     from ..evaluate import evaluate_dir
@@ -311,7 +317,7 @@ def train_stage2(cfg: DictConfig) -> Any:
     run_dir, resume = resolve_run(cfg)
     module = GeneratorModule(cfg, tokenizers, meta)
     datamodule = ShardDataModule(cached or cfg.data, stage2_modalities(cfg.task, cached is not None), seed=cfg.run.seed)
-    ema = EMAWeightAveraging(decay=cfg.generator.ema_decay, use_buffers=False)
+    ema = EMAWeights(decay=cfg.generator.ema_decay)
     trainer = fit(cfg, module, datamodule, run_dir, resume, callbacks=[ema])
     if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not is_global_zero():
         return run_dir

@@ -1,0 +1,147 @@
+"""Trainer presets and precisions, and two CPU ranks (gloo, ddp_spawn) for both stages:
+identical weights after the steps and one config hash on every rank."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import tiny_stage1, tiny_stage2
+from test_ops_logging import history, wandb_records
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+from lit_vqdiff.callbacks import EMAWeights
+from lit_vqdiff.cli import main
+from lit_vqdiff.config import CONF_DIR, ConfigError, config_hash, load_config
+from lit_vqdiff.data.datamodule import ShardDataModule
+from lit_vqdiff.nn.tokenizer import Tokenizer
+from lit_vqdiff.stages.generator import GeneratorModule, stage2_modalities
+from lit_vqdiff.stages.tokenizer import TokenizerModule
+from lit_vqdiff.training import build_trainer, fit, resolve_run
+
+PRESETS = {  # accelerator, devices, num_nodes, strategy, precision
+    "cpu": ("cpu", 1, 1, "auto", "32-true"),
+    "gpu": ("gpu", 1, 1, "auto", "bf16-mixed"),
+    "ddp": ("gpu", -1, 1, "ddp", "bf16-mixed"),
+    "fsdp": ("gpu", -1, 1, "fsdp", "bf16-mixed"),
+    "multinode": ("gpu", -1, 2, "ddp", "bf16-mixed"),
+}
+HARDWARE = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
+def test_every_trainer_preset_is_listed_and_loads():
+    assert sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml")) == sorted(PRESETS)
+    for name, expected in PRESETS.items():
+        cfg = load_config("stage1", [f"trainer={name}"])
+        assert tuple(cfg.trainer[k] for k in HARDWARE) == expected, name
+    assert load_config("stage2", ["trainer=multinode", "trainer.num_nodes=4"]).trainer.num_nodes == 4
+
+
+def test_multinode_preset_builds_a_trainer_over_its_nodes(tmp_path):
+    cfg = load_config("stage1", ["trainer=multinode", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=3", "logger=none"])
+    trainer = build_trainer(cfg, tmp_path)
+    assert trainer.num_nodes == 3 and trainer.world_size == 3 and type(trainer.strategy).__name__ == "DDPStrategy"
+
+
+@pytest.mark.parametrize("precision, plugin", [("32-true", Precision), ("bf16-mixed", MixedPrecision)])
+def test_cpu_precisions_build_a_trainer(tmp_path, precision, plugin):
+    cfg = load_config("stage1", [f"trainer.precision={precision}", "logger=none"])
+    trainer = build_trainer(cfg, tmp_path)
+    assert type(trainer.precision_plugin) is plugin and trainer.precision == precision
+
+
+@pytest.mark.parametrize("override, named", [("trainer.precision=16-mixed", "trainer.precision=16-mixed"),
+                                             ("trainer=fsdp", "trainer.strategy=fsdp")])
+def test_cpu_unsupported_settings_fail_before_any_run_folder(tmp_path, capsys, override, named):
+    extra = [override, "trainer.accelerator=cpu"]
+    with pytest.raises(ConfigError, match=named):
+        load_config("stage1", extra)
+    runs = tmp_path / "runs"
+    assert main(["train", "stage1", f"run.root={runs}", *extra]) == 2
+    assert named in capsys.readouterr().err and not runs.exists()
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class RankProbe(L.Callback):
+    """Each rank writes what it ended with: weights digest, config hashes, first batch keys."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.first_keys: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.first_keys:
+            self.first_keys = list(batch["key"])
+
+    def on_train_end(self, trainer, pl_module):
+        record = {"weights": weights_digest(pl_module), "config_hash": config_hash(pl_module.cfg),
+                  "module_hash": pl_module.config_hash, "gathered": pl_module.rank_config_hashes,
+                  "global_step": trainer.global_step, "world_size": trainer.world_size, "first_keys": self.first_keys}
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def two_rank_fit(cfg, module, modalities, out: Path, callbacks=()) -> tuple[dict, dict, Path]:
+    run_dir, resume = resolve_run(cfg)
+    assert resume is None
+    datamodule = ShardDataModule(cfg.data, modalities, seed=cfg.run.seed)
+    fit(cfg, module, datamodule, run_dir, resume, callbacks=[RankProbe(out), *callbacks])
+    first, second = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    return first, second, run_dir
+
+
+def assert_ranks_agree(first: dict, second: dict, cfg, steps: int) -> None:
+    assert first["world_size"] == second["world_size"] == 2
+    assert first["global_step"] == second["global_step"] == steps
+    assert first["first_keys"] and set(first["first_keys"]).isdisjoint(second["first_keys"])  # each rank its own data
+    assert first["weights"] == second["weights"]
+    expected = config_hash(cfg)
+    assert first["config_hash"] == second["config_hash"] == first["module_hash"] == second["module_hash"] == expected
+    assert first["gathered"] == second["gathered"] == [expected, expected]
+
+
+DDP = ("trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.max_steps=4", "trainer.val_every_steps=4")
+
+
+@pytest.mark.slow
+def test_two_ranks_stage1_hold_identical_weights(shapes_root, tmp_path):
+    cfg = load_config("stage1", tiny_stage1(shapes_root, tmp_path / "runs", *DDP, "logger=wandb"))
+    first, second, run_dir = two_rank_fit(cfg, TokenizerModule(cfg), (cfg.modality,), tmp_path)
+    assert_ranks_agree(first, second, cfg, steps=4)
+    rows = history(wandb_records(run_dir))  # one W&B run (rank 0's), with the validation in it
+    assert [row["trainer/global_step"] for row in rows if "val/psnr" in row] == [3]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+
+
+def untrained_tokenizer(shapes_root: Path) -> tuple[dict, dict]:
+    """An untrained image tokenizer with made-up latent statistics: stage 2's code paths need no more."""
+    cfg = load_config("stage1", tiny_stage1(shapes_root, shapes_root / "unused", "tokenizer.channels=16"))
+    tok = Tokenizer.from_config(cfg).eval()
+    dim = tok.quantizer.lookup_dim
+    meta = {"spec": tok.spec(), "checksum": "0" * 64, "path": "", "latent_mean": [0.0] * dim, "latent_std": [1.0] * dim}
+    return {"image": tok}, {"image": meta}
+
+
+@pytest.mark.slow
+def test_two_ranks_stage2_hold_identical_weights(shapes_root, tmp_path):
+    cfg = load_config("stage2", tiny_stage2(shapes_root, tmp_path / "runs", *DDP, "generator.width=32"))
+    tokenizers, meta = untrained_tokenizer(shapes_root)
+    module = GeneratorModule(cfg, tokenizers, meta)
+    ema = EMAWeights(decay=cfg.generator.ema_decay)
+    first, second, _ = two_rank_fit(cfg, module, stage2_modalities(cfg.task), tmp_path, callbacks=[ema])
+    assert_ranks_agree(first, second, cfg, steps=4)
