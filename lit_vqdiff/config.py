@@ -210,6 +210,9 @@ class SamplingConfig:
     steps: int = 12  # mask diffusion decoding steps
     guidance: float = 2.0
     temperature: float = 1.0
+    # Gumbel noise on the confidences that order the unmasking (annealed to 0): measured on
+    # text->image, 4.5 (MaskGIT's) gave 0.98 exact match, 0.5-1.0 gave 0.99-0.995.
+    choice_temperature: float = 1.0
     sampler: str = "ddim"  # gaussian: ddim | ddpm
     ddim_steps: int = 50
     ddpm_steps: int = 250  # respaced ancestral sampling (at most gaussian.num_steps)

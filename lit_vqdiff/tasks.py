@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .data import shapes
-from .nn.conditions import BYTE_VOCAB, decode_text, encode_text
+from .text import BYTE_VOCAB, decode_text, encode_text
 from .nn.tokenizer import Tokenizer
 
 TASKS = ("class->image", "text->image", "image->audio", "audio->image", "image->text", "text->audio")

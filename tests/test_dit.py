@@ -7,18 +7,9 @@ import math
 import pytest
 import torch
 
-from lit_vqdiff.nn.conditions import (
-    PAD_ID,
-    ByteTextEncoder,
-    ClassCondition,
-    CodeEncoder,
-    Condition,
-    cat_conditions,
-    decode_text,
-    drop_mask,
-    encode_text,
-)
+from lit_vqdiff.nn.conditions import ByteTextEncoder, ClassCondition, CodeEncoder, Condition, cat_conditions, drop_mask
 from lit_vqdiff.nn.dit import DIT_PRESETS, DiT, build_dit, patchify, unpatchify
+from lit_vqdiff.text import PAD_ID, decode_text, encode_text
 
 # DiT paper, Table 1 / released checkpoints (class-conditional, 256 px, latent 32x32x4).
 PAPER_PARAMS = {"DiT-S/2": 33.0e6, "DiT-B/2": 130.0e6, "DiT-L/2": 458.0e6, "DiT-XL/2": 675_129_632}

@@ -29,12 +29,14 @@ import torch
 from PIL import Image
 
 from ..audio import resample
+from ..text import PAD_ID as TEXT_PAD
+from ..text import decode_text as decode_texts
+from ..text import encode_text as encode_texts
 
 CODE_MODALITIES = ("image_codes", "audio_codes")
 MODALITIES = ("image", "audio", "text", "class", *CODE_MODALITIES)
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTS = ("wav", "flac")
-TEXT_PAD = 256  # outside the byte range: a byte-level model needs a vocabulary of 257
 
 # Every reason a sample can be skipped for, as logged under data/skipped_<reason>.
 SKIP_REASONS = (
@@ -148,23 +150,14 @@ def fit_length(wave: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def encode_text(text: str, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """UTF-8 bytes of ``text`` as (ids, mask): ids padded with TEXT_PAD, mask True on bytes."""
-    raw = text.encode("utf-8")
-    if len(raw) > max_bytes:
-        # Cut at a character boundary so the kept bytes are still valid UTF-8.
-        raw = raw[:max_bytes].decode("utf-8", errors="ignore").encode("utf-8")
-    ids = torch.full((max_bytes,), TEXT_PAD, dtype=torch.long)
-    ids[: len(raw)] = torch.tensor(list(raw), dtype=torch.long)
-    mask = torch.zeros(max_bytes, dtype=torch.bool)
-    mask[: len(raw)] = True
-    return ids, mask
+    """One caption as (ids, mask), cut at a character boundary when it is too long."""
+    ids, mask = encode_texts([text], max_bytes, truncate=True)
+    return ids[0], mask[0]
 
 
 def decode_text(ids: torch.Tensor, mask: torch.Tensor | None = None) -> str:
     """Inverse of ``encode_text`` for one (L,) row; invalid UTF-8 (e.g. generated) is replaced."""
-    keep = ids < TEXT_PAD if mask is None else mask.bool()
-    values = ids[keep].clamp(0, 255).tolist()
-    return bytes(values).decode("utf-8", errors="replace")
+    return decode_texts((ids if mask is None else ids.masked_fill(~mask.bool(), TEXT_PAD))[None])[0]
 
 
 def text_of(members: Mapping[str, bytes]) -> str:

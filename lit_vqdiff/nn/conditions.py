@@ -10,16 +10,14 @@ unconditional branch that guidance extrapolates away from.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from lit_vqdiff.nn.dit import Attention, GroupEmbedding, Mlp, group_codes, sincos_positions
+from lit_vqdiff.text import BYTE_VOCAB, PAD_ID
 
-PAD_ID = 256
-BYTE_VOCAB = 257  # byte values 0..255, then the pad id
 
 
 @dataclass
@@ -72,31 +70,6 @@ def drop_mask(
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"drop probability p must be in [0, 1], got {p!r}")
     return torch.rand(batch_size, device=device, generator=generator) < p
-
-
-def encode_text(strings: Sequence[str], max_bytes: int, *, truncate: bool = False) -> tuple[Tensor, Tensor]:
-    """UTF-8 bytes (B, max_bytes) long, right-padded with PAD_ID, and the (B, max_bytes) real-byte mask."""
-    if isinstance(strings, str):
-        raise TypeError("encode_text takes a sequence of strings, not one string")
-    tokens = torch.full((len(strings), max_bytes), PAD_ID, dtype=torch.long)
-    for row, text in enumerate(strings):
-        data = text.encode("utf-8")
-        if len(data) > max_bytes:
-            if not truncate:
-                raise ValueError(f"text {text!r} is {len(data)} UTF-8 bytes, more than max_bytes={max_bytes}")
-            # Cut at a character boundary so the kept bytes still decode.
-            data = data[:max_bytes].decode("utf-8", errors="ignore").encode("utf-8")
-        tokens[row, : len(data)] = torch.tensor(list(data), dtype=torch.long)
-    return tokens, tokens != PAD_ID
-
-
-def decode_text(tokens: Tensor) -> list[str]:
-    """Strings from (B, L) byte ids: read up to the first non-byte id (pad or mask); bad UTF-8 is replaced."""
-    texts = []
-    for row in tokens.tolist():
-        end = next((i for i, value in enumerate(row) if not 0 <= value < 256), len(row))
-        texts.append(bytes(row[:end]).decode("utf-8", errors="replace"))
-    return texts
 
 
 def _check_drop(drop: Tensor | None, batch: int) -> None:

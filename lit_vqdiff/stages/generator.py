@@ -146,8 +146,9 @@ class GeneratorModule(StageModule):
             else:
                 latents = self.diffusion.ddpm_sample(self.dit, shape, cond, uncond, guidance=guidance, steps=s.ddpm_steps, generator=generator, device=self.device)
             return self.from_latents(latents)
-        return self.diffusion.sample(self.dit, (n, *self.target.shape), cond, uncond, steps=steps,
-                                     temperature=temperature, guidance=guidance, generator=generator, device=self.device)
+        return self.diffusion.sample(self.dit, (n, *self.target.shape), cond, uncond, steps=steps, temperature=temperature,
+                                     guidance=guidance, choice_temperature=s.choice_temperature, generator=generator,
+                                     device=self.device)
 
     def decode(self, tokens: torch.Tensor) -> Any:
         return self.target.decode(tokens)

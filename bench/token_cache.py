@@ -1,0 +1,71 @@
+"""Stage-2 training steps from the token cache against encoding with the tokenizer on the fly.
+
+Both runs use the default stage-2 config of the task and the same tokenizer; only
+``tokenizers.cache`` differs. Needs the task's tokenizers (runs/latest-stage1*).
+
+    .venv/bin/python bench/token_cache.py [--task text->image] [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+from common import write_result
+
+from lit_vqdiff.config import load_config
+from lit_vqdiff.data.datamodule import ShardDataModule
+from lit_vqdiff.data.prepare import ensure_dataset
+from lit_vqdiff.perf import DataWaitTimer
+from lit_vqdiff.stages.generator import GeneratorModule, ensure_tokenizers, prepare_token_cache, stage2_modalities
+from lit_vqdiff.training import build_trainer
+
+
+def steps_per_second(task: str, cached: bool, steps: int, warmup: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config("stage2", [f"task={task}", f"run.root={tmp}", "logger=none", f"trainer.max_steps={warmup + steps}",
+                                     f"trainer.val_every_steps={10 * (warmup + steps)}", "sampling.val_n=0",
+                                     f"tokenizers.cache={str(cached).lower()}"])
+        ensure_dataset(cfg.data)
+        tokenizers, meta = ensure_tokenizers(cfg)
+        data = prepare_token_cache(cfg, tokenizers, meta) if cached else cfg.data
+        module = GeneratorModule(cfg, tokenizers, meta)
+        timer = DataWaitTimer()
+        marks: list[float] = []
+
+        class Mark(L.Callback):
+            """Wall-clock time at the end of every step."""
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+                marks.append(time.perf_counter())
+
+        trainer = build_trainer(cfg, Path(tmp), [timer, Mark()])
+        trainer.fit(module, datamodule=ShardDataModule(data, stage2_modalities(task, cached), seed=0))
+    timed = marks[warmup:]
+    rate = (len(timed) - 1) / (timed[-1] - timed[0])
+    return {"steps_per_s": round(rate, 3), "samples_per_s": round(rate * cfg.data.batch_size, 1),
+            "data_wait_fraction": round(timer.fraction, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--task", default="text->image")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    on_the_fly = steps_per_second(args.task, False, args.steps, args.warmup)
+    cached = steps_per_second(args.task, True, args.steps, args.warmup)
+    write_result("token_cache", {
+        "task": args.task,
+        "cached": cached,
+        "on_the_fly": on_the_fly,
+        "speedup": round(cached["steps_per_s"] / on_the_fly["steps_per_s"], 2),
+        "config": {"stage": "stage2", "steps_timed": args.steps, "warmup_steps": args.warmup},
+    })
+
+
+if __name__ == "__main__":
+    main()

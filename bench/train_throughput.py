@@ -1,0 +1,134 @@
+"""Training throughput and model FLOP utilization (MFU) of both stages.
+
+MFU = achieved model FLOP/s / the machine's own matmul FLOP/s, both measured in this
+process (fp32 on a CPU, bf16 on a GPU). Model FLOPs per sample are counted the standard
+way: 6 x (matmul parameters applied per token) x tokens, plus 12 x layers x sequence
+length x width per token for attention (forward and backward); for stage 1 (convs) they
+are counted by torch's FLOP counter over one forward and backward.
+
+    .venv/bin/python bench/train_throughput.py [--steps 20] [--presets default,DiT-B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+import torch
+from common import matmul_flops, timed, write_result
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lit_vqdiff.config import load_config
+from lit_vqdiff.diffusion.masked import MaskedDiffusion
+from lit_vqdiff.nn.conditions import ByteTextEncoder
+from lit_vqdiff.text import encode_text
+from lit_vqdiff.nn.dit import DIT_PRESETS, DiT
+from lit_vqdiff.nn.tokenizer import Tokenizer
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Weights of every Linear in ``module`` (biases excluded, as in the usual 6N count)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def dit_flops_per_sample(dit: DiT, text: ByteTextEncoder) -> float:
+    """6N per token over the trunk and the condition encoder, plus attention terms."""
+    trunk_tokens = math.prod(dit.grid)
+    context = text.max_bytes // text.patch
+    width, depth = dit.pos_embed.shape[-1], len(dit.blocks)
+    # Per-sample (not per-token) linears: adaLN modulation and the time embedding.
+    per_sample = sum(matmul_params(b.modulation) for b in dit.blocks) + matmul_params(dit.final.modulation)
+    per_sample += matmul_params(dit.time_embed) + (matmul_params(dit.pooled_embed) if dit.pooled_embed else 0)
+    cross_kv = sum(b.cross_attn.kv.weight.numel() for b in dit.blocks if b.cross_attn is not None)
+    trunk = matmul_params(dit) - per_sample - cross_kv
+    flops = 6 * (trunk * trunk_tokens + cross_kv * context + per_sample + matmul_params(text) * context)
+    flops += 12 * depth * trunk_tokens * width * trunk_tokens  # self-attention scores and values
+    flops += 12 * depth * context * width * trunk_tokens  # cross-attention
+    flops += 12 * len(text.blocks) * context * width * context
+    return float(flops)
+
+
+def stage2_step(preset: str, batch: int, precision: str) -> dict[str, Any]:
+    """One stage-2 training step of the default text->image shapes at ``preset`` size."""
+    cfg = load_config("stage2")
+    g = cfg.generator
+    if preset == "default":
+        p = DIT_PRESETS[g.preset]
+        width, depth, heads = g.width or p["width"], g.depth or p["depth"], g.heads or p["heads"]
+    else:
+        width, depth, heads = (DIT_PRESETS[preset][k] for k in ("width", "depth", "heads"))
+    vocab = load_config("stage1").tokenizer.quantizer.codebook_size
+    dit = DiT(width=width, depth=depth, heads=heads, input="tokens", vocab_size=vocab, seq_shape=(8, 8),
+              patch_size=g.patch_size, cond_dim=width, pooled_cond_dim=width, pos=g.pos)
+    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.cond_patch_size)
+    diffusion = MaskedDiffusion(vocab, schedule=g.mask_schedule)
+    params = [*dit.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    x0 = torch.randint(0, vocab, (batch, 8, 8))
+    tokens = encode_text(["a large blue triangle on the right"] * batch, cfg.data.text_bytes)[0]
+    low = precision == "bf16-mixed"
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            loss, _ = diffusion.loss(dit, x0, text(tokens))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    seconds = timed(step, repeats=5, warmup=2)
+    flops = dit_flops_per_sample(dit, text) * batch
+    return {"preset": f"default ({g.preset})" if preset == "default" else preset, "width": width, "depth": depth, "batch": batch,
+            "precision": precision, "step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
+            "model_flops_per_step": flops, "achieved_flops": flops / seconds,
+            "params": sum(q.numel() for q in params)}
+
+
+def stage1_step(batch: int) -> dict[str, Any]:
+    """One default stage-1 (image tokenizer) training step, FLOPs counted by torch."""
+    cfg = load_config("stage1")
+    tok = Tokenizer.from_config(cfg)
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, foreach=True)
+    x = torch.rand(batch, 3, 32, 32) * 2 - 1
+
+    def step() -> None:
+        target, recon, q = tok(x)
+        loss = (recon - target).pow(2).mean() + q.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # k-means initialization happens on the first step
+    counter = FlopCounterMode(display=False)
+    with counter:
+        target, recon, q = tok(x)
+        ((recon - target).pow(2).mean() + q.loss).backward()
+    flops = counter.get_total_flops()
+    seconds = timed(step, repeats=5, warmup=2)
+    return {"stage": "stage1", "batch": batch, "step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
+            "model_flops_per_step": flops, "achieved_flops": flops / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--presets", default="default,DiT-B")
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
+    results: dict[str, Any] = {"matmul_flops": peak, "stage2": [], "stage1": None}
+    for preset in args.presets.split(","):
+        for precision in ("32-true", "bf16-mixed"):
+            r = stage2_step(preset, args.batch, precision)
+            limit = peak["bf16"] if precision == "bf16-mixed" else peak["fp32"]
+            r["mfu"] = round(r["achieved_flops"] / limit, 3)
+            r["mfu_vs_fp32_matmul"] = round(r["achieved_flops"] / peak["fp32"], 3)
+            results["stage2"].append(r)
+    s1 = stage1_step(64)
+    s1["mfu"] = round(s1["achieved_flops"] / peak["fp32"], 3)
+    results["stage1"] = s1
+    write_result("train_throughput", results)
+
+
+if __name__ == "__main__":
+    main()
