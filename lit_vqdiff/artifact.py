@@ -1,9 +1,10 @@
 """The tokenizer artifact: what stage 1 hands to stage 2.
 
 One file (``<run>/tokenizer.pt``) with the weights, the spec to rebuild the module, the
-code-usage histogram, latent statistics (for Gaussian stage 2) and a checksum of the
-weights. Stage 2 and the token cache key on that checksum; loading needs only
-``lit_vqdiff.nn.tokenizer``, not the training code.
+run's config, the code-usage histogram, latent statistics (for Gaussian stage 2), the
+remap table of a pruned codebook and a checksum of the weights. Stage 2 and the token
+cache key on that checksum; loading needs only ``lit_vqdiff.nn.tokenizer``, not the
+training code (no Lightning).
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_artifact(path: Path | str, tokenizer: Tokenizer, code_counts: torch.Tensor, latent_mean: torch.Tensor, latent_std: torch.Tensor, metrics: dict[str, float] | None = None, remap: torch.Tensor | None = None) -> str:
-    """Write the artifact atomically; returns the weights' checksum."""
+def save_artifact(
+    path: Path | str, tokenizer: Tokenizer, code_counts: torch.Tensor, latent_mean: torch.Tensor, latent_std: torch.Tensor,
+    metrics: dict[str, float] | None = None, remap: torch.Tensor | None = None, config: dict[str, Any] | None = None,
+) -> str:
+    """Write the artifact atomically; returns the weights' checksum.
+
+    ``code_counts`` (num_codebooks, codebook_size) count the codes as this tokenizer
+    numbers them; ``remap`` (num_codebooks, size before pruning) maps the codes of the
+    unpruned tokenizer to these (-1: dropped). ``config`` is the run's config as plain data.
+    """
     state = {k: v.detach().cpu().clone() for k, v in tokenizer.state_dict().items()}
     checksum = weights_checksum(state)
     payload = {
@@ -42,6 +51,7 @@ def save_artifact(path: Path | str, tokenizer: Tokenizer, code_counts: torch.Ten
         "latent_std": latent_std.detach().cpu().float(),
         "metrics": dict(metrics or {}),
         "remap": None if remap is None else remap.detach().cpu(),
+        "config": config,
         "checksum": checksum,
     }
     path = Path(path)
@@ -59,7 +69,8 @@ def read_artifact(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer artifact at {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: an artifact is tensors and plain data, and loading one runs no pickled code.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated files raise several error types
         raise ValueError(f"{path}: unreadable tokenizer artifact ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

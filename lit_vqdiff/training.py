@@ -35,6 +35,8 @@ from .perf import DataWaitTimer
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
+DEFAULT_THREADS = torch.get_num_threads()
+
 RUN_DIR_ENV = "LIT_VQDIFF_RUN_DIR_{}"
 
 
@@ -78,8 +80,9 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | None = None) -> L.Trainer:
     """A Lightning Trainer from ``cfg.trainer`` with the callbacks every run gets."""
     t = cfg.trainer
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
+    # Process-wide: a stage that ran earlier in this process (stage 1 before stage 2) may
+    # have changed it, so 0 restores the count torch chose at start-up.
+    torch.set_num_threads(t.threads if t.threads > 0 else DEFAULT_THREADS)
     last = LastCheckpoint(runs.checkpoint_path(run_dir), every_minutes=t.checkpoint_every_minutes, every_steps=t.checkpoint_every_steps)
     all_callbacks: list[L.Callback] = [StepSeed(cfg.run.seed), ConfigConsistency(), DataWaitTimer(),
                                        MediaLogger(run_dir, every=cfg.logger.media_every_val)]
@@ -97,6 +100,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
         max_steps=t.max_steps,
         max_epochs=-1,
         max_time=dt.timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None,
+        gradient_clip_val=cfg.optim.grad_clip or None,
         val_check_interval=t.val_every_steps,
         check_val_every_n_epoch=None,  # validation is scheduled in steps: epochs of a stream are arbitrary
         limit_val_batches=t.limit_val_batches or None,

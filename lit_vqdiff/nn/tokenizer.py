@@ -26,6 +26,9 @@ from .quantizers import QuantizerOutput, build_quantizer
 # mapped to roughly [-1, 1] so that the decoder's output range matches images'.
 SPEC_LOG_FLOOR = 1e-3
 SPEC_LOG_CENTER, SPEC_LOG_SCALE = -1.5, 5.5
+# Loudest normalized log magnitude a decoder output is read as (real data peaks near 1.1):
+# keeps exp() of an overshooting prediction, and its gradient, bounded.
+SPEC_MAX_FEATURE = 1.5
 ARCH_KEYS = ("channels", "channel_mult", "num_res_blocks", "z_channels", "downsample", "attention", "patch", "mid",
              "n_fft", "hop", "griffin_lim_iters")
 
@@ -103,9 +106,14 @@ class Tokenizer(nn.Module):
             return feats.squeeze(1).clamp(-1, 1)
         length = self.signal["audio_samples"]
         raw = 1 + length // self.hop
-        log_mag = feats.float()[..., :raw] * SPEC_LOG_SCALE + SPEC_LOG_CENTER
-        wave = audio.griffin_lim(log_mag.exp(), self.n_fft, self.hop, n_iter=self.griffin_lim_iters, length=length)
+        wave = audio.griffin_lim(self.magnitude(feats[..., :raw]), self.n_fft, self.hop, n_iter=self.griffin_lim_iters, length=length)
         return wave.clamp(-1, 1)
+
+    def magnitude(self, feats: torch.Tensor) -> torch.Tensor:
+        """Linear STFT magnitudes (B, bins, frames) of spectrogram features, float32."""
+        if self.frontend != "spectrogram":
+            raise ValueError(f"magnitude needs the spectrogram frontend, this tokenizer's is {self.frontend!r}")
+        return (feats.float().clamp(max=SPEC_MAX_FEATURE) * SPEC_LOG_SCALE + SPEC_LOG_CENTER).exp()
 
     def _check_wave(self, x: torch.Tensor) -> torch.Tensor:
         expected = self.signal["audio_samples"]
@@ -139,6 +147,16 @@ class Tokenizer(nn.Module):
     def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """Images or waveforms from latents: snapped to the nearest codes, then decoded."""
         return self.to_signal(self.decoder(self.quantizer.decode_vectors(vectors)))
+
+    def prune_codes(self, counts: torch.Tensor) -> torch.Tensor:
+        """Drop codes never counted in ``counts`` (num_codebooks, codebook_size); returns old -> new (-1: dropped).
+
+        ``spec()`` follows, so the artifact rebuilds the smaller codebook.
+        """
+        remap = self.quantizer.prune(counts if self.quantizer.num_codebooks > 1 else counts.reshape(-1))
+        if "codebook_size" in self.quantizer_args:  # FSQ keeps its levels and stores the kept grid points
+            self.quantizer_args["codebook_size"] = int(self.quantizer.codebook_size)
+        return remap.reshape(counts.shape)
 
     # --------------------------------------------------------------------- description
 
