@@ -197,7 +197,7 @@ class GeneratorConfig:
     patch_size: int = 1  # codes (or latent cells) per trunk token along each axis
     pos: str = "learned"  # learned | sincos
     cond_depth: int = 2  # layers of the condition encoder (text bytes, codes)
-    cond_patch_size: int = 1  # bytes (or codes per axis) per position of the condition sequence
+    cond_patch_size: int = 1  # caption bytes per position of the condition sequence (codes use patch_size)
     cond_dropout: float = 0.1  # classifier-free guidance: share of conditions dropped in training
     mask_schedule: str = "cosine"
     label_smoothing: float = 0.0

@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import io
 import json
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -404,3 +406,25 @@ def test_check_reports_missing_shard_file_missing_sizes_and_repeated_member(tmp_
         "train-000001.tar -: no sizes.json beside the shard",
         "train-000002.tar -: shard file missing",
     ]
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fashion_unpacks_a_deb_from_a_relative_cache_dir(tmp_path, monkeypatch):
+    """The .deb path given to dpkg-deb must survive its running inside the cache folder."""
+    arrays = {"train-images-idx3-ubyte": np.zeros((1, 28, 28), np.uint8), "train-labels-idx1-ubyte": np.array([4], np.uint8),
+              "t10k-images-idx3-ubyte": np.ones((1, 28, 28), np.uint8), "t10k-labels-idx1-ubyte": np.array([5], np.uint8)}
+    package = tmp_path / "pkg"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "DEBIAN" / "control").write_text(
+        f"Package: {sources.FASHION_PACKAGE}\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: t\n")
+    idx_dir = package / sources.FASHION_DIR
+    idx_dir.mkdir(parents=True)
+    for name, array in arrays.items():
+        (idx_dir / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    (tmp_path / "data" / "cache").mkdir(parents=True)
+    deb = tmp_path / "data" / "cache" / f"{sources.FASHION_PACKAGE}_1_all.deb"
+    subprocess.run(["dpkg-deb", "--build", str(package), str(deb)], check=True, capture_output=True)
+    monkeypatch.chdir(tmp_path)
+    md5 = {name: hashlib.md5(idx_bytes(array)).hexdigest() for name, array in arrays.items()}
+    loaded, files = sources.fetch_fashion(Path("data/cache"), md5)
+    assert int(loaded["t10k-labels-idx1-ubyte"][0]) == 5 and deb.name in files

@@ -375,7 +375,7 @@ def fetch_fashion(
             if not debs:
                 raise SourceError(f"apt-get download {FASHION_PACKAGE} wrote no .deb into {cache_dir}", exit_code=1)
         dpkg = require_tool("dpkg-deb", "install dpkg (Debian-based systems have it)")
-        run_tool([dpkg, "-x", debs[-1], unpacked], cache_dir)
+        run_tool([dpkg, "-x", debs[-1].resolve(), unpacked.resolve()], cache_dir)  # absolute: it runs in cache_dir
     for deb in sorted(cache_dir.glob(f"{FASHION_PACKAGE}_*.deb"))[-1:]:
         files[deb.name] = {"sha256": sha256_of(deb)}
     arrays = {}

@@ -77,12 +77,13 @@ class GeneratorModule(StageModule):
         self._val_readings: dict[str, float] | None = None
 
     def _condition_encoder(self, source: TokenSpace, width: int, heads: int) -> nn.Module:
-        depth, patch = self.cfg.generator.cond_depth, self.cfg.generator.cond_patch_size
+        g = self.cfg.generator
         if source.modality == "class":
             return ClassCondition(shapes.NUM_CLASSES)
         if source.modality == "text":
-            return ByteTextEncoder(width, depth, heads, source.shape[0], patch=patch)
-        return CodeEncoder(source.vocab, source.shape, width, depth, heads, patch=patch)
+            return ByteTextEncoder(width, g.cond_depth, heads, source.shape[0], patch=g.cond_patch_size)
+        # Codes as a condition are grouped like codes as a target.
+        return CodeEncoder(source.vocab, source.shape, width, g.cond_depth, heads, patch=g.patch_size)
 
     # ------------------------------------------------------------------ pieces
 
