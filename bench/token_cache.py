@@ -20,7 +20,8 @@ from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.data.prepare import ensure_dataset
 from lit_vqdiff.perf import DataWaitTimer
-from lit_vqdiff.stages.generator import GeneratorModule, ensure_tokenizers, prepare_token_cache, stage2_modalities
+from lit_vqdiff.stages.generator import GeneratorModule, ensure_tokenizers, prepare_token_cache
+from lit_vqdiff.tasks import stage_inputs
 from lit_vqdiff.training import build_trainer
 
 
@@ -43,7 +44,7 @@ def steps_per_second(task: str, cached: bool, steps: int, warmup: int) -> dict[s
                 marks.append(time.perf_counter())
 
         trainer = build_trainer(cfg, Path(tmp), [timer, Mark()])
-        trainer.fit(module, datamodule=ShardDataModule(data, stage2_modalities(task, cached), seed=0))
+        trainer.fit(module, datamodule=ShardDataModule(data, stage_inputs(task, cached), seed=0))
     timed = marks[warmup:]
     rate = (len(timed) - 1) / (timed[-1] - timed[0])
     return {"steps_per_s": round(rate, 3), "samples_per_s": round(rate * cfg.data.batch_size, 1),

@@ -34,6 +34,11 @@ def needed_tokenizers(task: str) -> list[str]:
     return [m for m in parse_task(task) if m in CODED]
 
 
+def stage_inputs(task: str, cached: bool) -> tuple[str, ...]:
+    """Batch members a task reads: raw inputs, or a token cache's codes for coded modalities."""
+    return tuple(codes_key(m) if cached and m in CODED else m for m in dict.fromkeys(parse_task(task)))
+
+
 def codes_key(modality: str) -> str:
     """Batch key under which cached codes of a modality arrive."""
     return f"{modality}_codes"

@@ -19,7 +19,8 @@ from lit_vqdiff.cli import main
 from lit_vqdiff.config import CONF_DIR, ConfigError, config_hash, load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.nn.tokenizer import Tokenizer
-from lit_vqdiff.stages.generator import GeneratorModule, stage2_modalities
+from lit_vqdiff.stages.generator import GeneratorModule
+from lit_vqdiff.tasks import stage_inputs
 from lit_vqdiff.stages.tokenizer import TokenizerModule
 from lit_vqdiff.training import build_trainer, fit, resolve_run
 
@@ -143,5 +144,5 @@ def test_two_ranks_stage2_hold_identical_weights(shapes_root, tmp_path):
     tokenizers, meta = untrained_tokenizer(shapes_root)
     module = GeneratorModule(cfg, tokenizers, meta)
     ema = EMAWeights(decay=cfg.generator.ema_decay)
-    first, second, _ = two_rank_fit(cfg, module, stage2_modalities(cfg.task), tmp_path, callbacks=[ema])
+    first, second, _ = two_rank_fit(cfg, module, stage_inputs(cfg.task, cached=False), tmp_path, callbacks=[ema])
     assert_ranks_agree(first, second, cfg, steps=4)

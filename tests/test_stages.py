@@ -12,7 +12,8 @@ from conftest import tiny_stage1, tiny_stage2
 from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.nn.tokenizer import Tokenizer
-from lit_vqdiff.stages.generator import GeneratorModule, stage2_modalities
+from lit_vqdiff.stages.generator import GeneratorModule
+from lit_vqdiff.tasks import stage_inputs
 from lit_vqdiff.stages.tokenizer import TokenizerModule
 from lit_vqdiff.training import build_trainer
 
@@ -70,7 +71,7 @@ def test_stage2_fast_dev_run(shapes_root, tmp_path, extra):
     tokenizers, meta = random_tokenizers(needed, shapes_root)
     module = GeneratorModule(cfg, tokenizers, meta)
     before = {m: {k: v.clone() for k, v in tok.state_dict().items()} for m, tok in tokenizers.items()}
-    trainer = fast_dev_fit(cfg, module, stage2_modalities(cfg.task), tmp_path)
+    trainer = fast_dev_fit(cfg, module, stage_inputs(cfg.task, cached=False), tmp_path)
     assert trainer.global_step == 1
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/loss"]))

@@ -27,7 +27,7 @@ from ..diffusion.masked import MaskedDiffusion
 from ..nn.conditions import ByteTextEncoder, ClassCondition, CodeEncoder, Condition, drop_mask
 from ..nn.dit import DIT_PRESETS, DiT
 from ..nn.tokenizer import Tokenizer
-from ..tasks import CODED, TokenSpace, parse_task, raw_batch, token_space
+from ..tasks import TokenSpace, parse_task, raw_batch, stage_inputs, token_space
 from .base import StageModule
 
 MEDIA_ITEMS = 16
@@ -251,11 +251,6 @@ def ensure_tokenizers(cfg: DictConfig) -> tuple[dict[str, Tokenizer], dict[str, 
     return tokenizers, meta
 
 
-def stage2_modalities(task: str, cached: bool = False) -> tuple[str, ...]:
-    """Batch members a task reads: raw inputs, or a token cache's codes for coded modalities."""
-    return tuple(f"{m}_codes" if cached and m in CODED else m for m in dict.fromkeys(parse_task(task)))
-
-
 def prepare_token_cache(cfg: DictConfig, tokenizers: dict[str, Tokenizer], meta: dict[str, dict[str, Any]]) -> DictConfig | None:
     """The data config of the token cache for these tokenizers, building the cache first
     if it is missing (rank 0; other processes wait); None when the task needs no codes."""
@@ -318,7 +313,7 @@ def train_stage2(cfg: DictConfig) -> Any:
     cached = prepare_token_cache(cfg, tokenizers, meta) if cfg.tokenizers.cache else None
     run_dir, resume = resolve_run(cfg)
     module = GeneratorModule(cfg, tokenizers, meta)
-    datamodule = ShardDataModule(cached or cfg.data, stage2_modalities(cfg.task, cached is not None), seed=cfg.run.seed)
+    datamodule = ShardDataModule(cached or cfg.data, stage_inputs(cfg.task, cached is not None), seed=cfg.run.seed)
     ema = EMAWeights(decay=cfg.generator.ema_decay)
     trainer = fit(cfg, module, datamodule, run_dir, resume, callbacks=[ema])
     if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not is_global_zero():
