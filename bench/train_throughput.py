@@ -6,12 +6,13 @@ way: 6 x (matmul parameters applied per token) x tokens, plus 12 x layers x sequ
 length x width per token for attention (forward and backward); for stage 1 (convs) they
 are counted by torch's FLOP counter over one forward and backward.
 
-    .venv/bin/python bench/train_throughput.py [--steps 20] [--presets default,DiT-B]
+    .venv/bin/python bench/train_throughput.py [--presets default,DiT-B] [--compile off,on]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from typing import Any
 
@@ -50,7 +51,7 @@ def dit_flops_per_sample(dit: DiT, text: ByteTextEncoder) -> float:
     return float(flops)
 
 
-def stage2_step(preset: str, batch: int, precision: str) -> dict[str, Any]:
+def stage2_step(preset: str, batch: int, precision: str, compiled: bool) -> dict[str, Any]:
     """One stage-2 training step of the default text->image shapes at ``preset`` size."""
     cfg = load_config("stage2")
     g = cfg.generator
@@ -65,6 +66,9 @@ def stage2_step(preset: str, batch: int, precision: str) -> dict[str, Any]:
     text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.cond_patch_size)
     diffusion = MaskedDiffusion(vocab, schedule=g.mask_schedule)
     params = [*dit.parameters(), *text.parameters()]
+    if compiled:  # what trainer.compile=true does
+        dit.compile()
+        text.compile()
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     x0 = torch.randint(0, vocab, (batch, 8, 8))
     tokens = encode_text(["a large blue triangle on the right"] * batch, cfg.data.text_bytes)[0]
@@ -77,10 +81,10 @@ def stage2_step(preset: str, batch: int, precision: str) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    seconds = timed(step, repeats=5, warmup=2)
+    seconds = timed(step, repeats=5, warmup=3 if compiled else 2)
     flops = dit_flops_per_sample(dit, text) * batch
     return {"preset": f"default ({g.preset})" if preset == "default" else preset, "width": width, "depth": depth, "batch": batch,
-            "precision": precision, "step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
+            "precision": precision, "compile": compiled, "step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
             "model_flops_per_step": flops, "achieved_flops": flops / seconds,
             "params": sum(q.numel() for q in params)}
 
@@ -114,12 +118,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--presets", default="default,DiT-B")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--compile", default="off,on", help="eager (off) and/or torch.compile (on)")
     args = parser.parse_args()
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
     results: dict[str, Any] = {"matmul_flops": peak, "stage2": [], "stage1": None}
     for preset in args.presets.split(","):
-        for precision in ("32-true", "bf16-mixed"):
-            r = stage2_step(preset, args.batch, precision)
+        for precision, compiled in itertools.product(("32-true", "bf16-mixed"), args.compile.split(",")):
+            r = stage2_step(preset, args.batch, precision, compiled == "on")
             limit = peak["bf16"] if precision == "bf16-mixed" else peak["fp32"]
             r["mfu"] = round(r["achieved_flops"] / limit, 3)
             r["mfu_vs_fp32_matmul"] = round(r["achieved_flops"] / peak["fp32"], 3)

@@ -156,6 +156,14 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataM
     return trainer
 
 
+def data_wait_fraction(trainer: L.Trainer) -> float | None:
+    """Share of the run's training wall time spent waiting for batches (see DataWaitTimer)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, DataWaitTimer):
+            return round(callback.fraction, 4)
+    return None
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """Final figures of a run as JSON beside its config (rank 0)."""
     if is_global_zero():

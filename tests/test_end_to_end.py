@@ -30,11 +30,13 @@ def test_tokenizer_generator_sample_eval(shapes_root: Path, tmp_path: Path, caps
     assert tokenizer.code_shape == (8, 8) and not any(p.requires_grad for p in tokenizer.parameters())
     summary1 = json.loads((stage1 / "summary.json").read_text())
     assert summary1["global_step"] == 30 and "val/psnr" in summary1
+    assert 0.0 <= summary1["data_wait_fraction"] < 1.0
 
     assert main(["train", "stage2", *tiny_stage2(shapes_root, runs)]) == 0
     stage2 = runs / "latest-stage2"
     summary2 = json.loads((stage2 / "summary.json").read_text())
     assert summary2["task"] == "text->image" and summary2["global_step"] == 30
+    assert 0.0 <= summary2["data_wait_fraction"] < 1.0
     assert summary2["eval"]["tasks"]["text->image"]["n"] == 8
     assert (stage2 / "samples" / "manifest.jsonl").is_file()
     capsys.readouterr()

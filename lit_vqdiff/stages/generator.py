@@ -72,6 +72,10 @@ class GeneratorModule(StageModule):
         else:
             self.dit = DiT(input="tokens", vocab_size=self.target.vocab, seq_shape=self.target.shape, patch_size=g.patch_size, **common)
             self.diffusion = MaskedDiffusion(self.target.vocab, schedule=g.mask_schedule, label_smoothing=g.label_smoothing)
+        if cfg.trainer.compile:
+            # In place (nn.Module.compile), so checkpoints keep the eager parameter names.
+            self.dit.compile()
+            self.cond_encoder.compile()
         self.val_loss = MeanMetric()
         self._val_conditions: dict[str, torch.Tensor] | None = None
         self._val_readings: dict[str, float] | None = None
@@ -306,7 +310,7 @@ def train_stage2(cfg: DictConfig) -> Any:
     from ..data.prepare import ensure_dataset
     from ..evaluate import evaluate_dir
     from ..sampling import sample_to_dir
-    from ..training import fit, is_global_zero, resolve_run, write_summary
+    from ..training import data_wait_fraction, fit, is_global_zero, resolve_run, write_summary
 
     ensure_dataset(cfg.data)
     tokenizers, meta = ensure_tokenizers(cfg)
@@ -321,7 +325,8 @@ def train_stage2(cfg: DictConfig) -> Any:
     runs.update_latest(cfg.run.root, "latest-stage2", run_dir)
     module.eval()  # the EMA weights: the averaging callback copied them in at the end of fit
     summary: dict[str, Any] = {"stage": "stage2", "task": cfg.task, "global_step": trainer.global_step,
-                               "train_seconds": round(module.train_seconds, 1)}
+                               "train_seconds": round(module.train_seconds, 1),
+                               "data_wait_fraction": data_wait_fraction(trainer)}
     if cfg.sampling.n > 0:
         out = run_dir / "samples"
         summary["sampling"] = sample_to_dir(module, cfg.sampling.n, out, seed=cfg.run.seed)

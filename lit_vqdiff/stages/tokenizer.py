@@ -41,6 +41,10 @@ class TokenizerModule(StageModule):
         super().__init__(cfg)
         self.modality = cfg.modality
         self.tokenizer = Tokenizer.from_config(cfg)
+        if cfg.trainer.compile:
+            # The conv stacks only: the quantizer's data-dependent k-means and restarts stay eager.
+            self.tokenizer.encoder.compile()
+            self.tokenizer.decoder.compile()
         d = cfg.tokenizer.discriminator
         q = self.tokenizer.quantizer
         self.disc = None
@@ -157,7 +161,7 @@ def train_stage1(cfg: DictConfig) -> Path:
     """Fit a tokenizer, export its artifact and point runs/latest-stage1[-audio] at it."""
     from ..data.datamodule import ShardDataModule
     from ..data.prepare import ensure_dataset
-    from ..training import fit, is_global_zero, resolve_run, write_summary
+    from ..training import data_wait_fraction, fit, is_global_zero, resolve_run, write_summary
 
     ensure_dataset(cfg.data)
     run_dir, resume = resolve_run(cfg)
@@ -170,7 +174,8 @@ def train_stage1(cfg: DictConfig) -> Path:
     export(cfg, module, datamodule, run_dir, metrics)
     link = runs.update_latest(cfg.run.root, runs.latest_link_name("stage1", cfg.modality), run_dir)
     write_summary(run_dir, {"stage": "stage1", "modality": cfg.modality, "global_step": trainer.global_step,
-                            "train_seconds": round(module.train_seconds, 1), **metrics})
+                            "train_seconds": round(module.train_seconds, 1),
+                            "data_wait_fraction": data_wait_fraction(trainer), **metrics})
     print(f"stage 1 ({cfg.modality}) done in {module.train_seconds / 60:.1f} min: {run_dir} ({link.name})")
     for key in sorted(metrics):
         print(f"  {key} = {metrics[key]:.4f}")
