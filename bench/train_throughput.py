@@ -130,7 +130,9 @@ def main() -> None:
             r["mfu_vs_fp32_matmul"] = round(r["achieved_flops"] / peak["fp32"], 3)
             results["stage2"].append(r)
     s1 = stage1_step(64)
-    s1["mfu"] = round(s1["achieved_flops"] / peak["fp32"], 3)
+    # Not called MFU: oneDNN's convolutions can outrun the torch.mm reference (ratio > 1),
+    # so for the conv tokenizer this is throughput relative to that reference only.
+    s1["throughput_vs_fp32_matmul"] = round(s1["achieved_flops"] / peak["fp32"], 3)
     results["stage1"] = s1
     write_result("train_throughput", results)
 

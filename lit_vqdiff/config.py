@@ -2,7 +2,8 @@
 
 Order of precedence (later wins): schema defaults < presets named in the stage file's
 ``defaults`` (conf/<group>/<name>.yaml) < the rest of conf/<stage>.yaml < presets picked
-on the command line as ``group=name`` (and stage 1's conf/modality/<modality>.yaml) <
+on the command line as ``group=name`` (and stage 1's conf/modality/<modality>.yaml, stage
+2's conf/task/<src>-to-<tgt>.yaml) <
 ``key=value`` overrides. Every error is raised before any run folder
 or file is created, and names the key and value at fault.
 """
@@ -215,6 +216,11 @@ class SamplingConfig:
     # Gumbel noise on the confidences that order the unmasking (annealed to 0): measured on
     # text->image, 4.5 (MaskGIT's) gave 0.98 exact match, 0.5-1.0 gave 0.99-0.995.
     choice_temperature: float = 1.0
+    # Text targets (image->text): a caption is one string per meaning, and bytes drawn
+    # independently at temperature 1, or committed out of reading order, misspell words
+    # whose position depends on an earlier word's length ("cenrer").
+    text_temperature: float = 0.0
+    text_order: str = "left_to_right"  # confidence | left_to_right
     sampler: str = "ddim"  # gaussian: ddim | ddpm
     ddim_steps: int = 50
     ddpm_steps: int = 250  # respaced ancestral sampling (at most gaussian.num_steps)
@@ -265,11 +271,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "generator.gaussian.schedule": ("linear", "cosine"),
     "generator.gaussian.prediction": ("eps", "v"),
     "sampling.sampler": ("ddim", "ddpm"),
+    "sampling.text_order": ("confidence", "left_to_right"),
 }
 
 # Config groups: `group=name` on the command line merges conf/<group>/<name>.yaml into
 # `target` ("" = the root, for presets that touch several sections).
-GROUPS: dict[str, str] = {"trainer": "trainer", "logger": "logger", "data": "data", "modality": ""}
+GROUPS: dict[str, str] = {"trainer": "trainer", "logger": "logger", "data": "data", "modality": "", "task": ""}
+
+
+def task_preset_name(task: str) -> str:
+    """conf/task/<name>.yaml for a stage-2 task: 'image->text' -> 'image-to-text'."""
+    return task.replace("->", "-to-")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -310,6 +322,12 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_di
         modality = dict(plain).get("modality", cfg.modality)
         if (conf_dir / "modality" / f"{modality}.yaml").exists():
             chosen = {"modality": modality, **chosen}
+    # Stage 2's may follow the task (conf/task/<src>-to-<tgt>.yaml), e.g. a shorter run
+    # for a task that learns faster.
+    if stage == "stage2":
+        preset = task_preset_name(str(dict(plain).get("task", cfg.task)))
+        if (conf_dir / "task" / f"{preset}.yaml").exists():
+            chosen = {"task": preset, **chosen}
     for group, name in chosen.items():
         cfg = _merge_group(cfg, conf_dir, group, str(name))
     for key, value in plain:

@@ -102,7 +102,10 @@ def sample_to_dir(module: Any, n: int, out: Path | str, batch_size: int = 100, s
     tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     tmp.replace(out / MANIFEST)
     s = cfg.sampling
-    settings = {"guidance": s.guidance, "temperature": s.temperature}
+    text = cfg.task.endswith("->text")
+    settings = {"guidance": s.guidance, "temperature": s.text_temperature if text else s.temperature}
+    if text:
+        settings["order"] = s.text_order
     settings.update({"sampler": s.sampler, "ddim_steps": s.ddim_steps} if cfg.generator.objective == "gaussian" else {"steps": s.steps})
     return {"out": str(out), "task": cfg.task, "n": n, "objective": cfg.generator.objective, **settings}
 

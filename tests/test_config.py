@@ -74,6 +74,15 @@ def test_modality_picks_its_tokenizer_preset():
         load_config("stage1", ["modality=audio", "tokenizer.frontend=pixels"])
 
 
+def test_task_picks_its_preset_and_explicit_overrides_win():
+    default, caption = load_config("stage2"), load_config("stage2", ["task=image->text"])
+    assert caption.trainer.max_steps < default.trainer.max_steps  # conf/task/image-to-text.yaml
+    assert load_config("stage2", ["task=image->audio"]).trainer.max_steps == default.trainer.max_steps
+    assert load_config("stage2", ["trainer.max_steps=7", "task=image->text"]).trainer.max_steps == 7
+    with pytest.raises(ConfigError, match="sampling.text_order=random.*left_to_right"):
+        load_config("stage2", ["sampling.text_order=random"])
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config("stage1", ["trainer.max_steps"])

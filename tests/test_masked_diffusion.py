@@ -137,6 +137,30 @@ def test_sampling_makes_exactly_steps_calls_following_the_schedule(kind, steps):
         diffusion.sample(model_fn, (2, length), steps=length + 1)
 
 
+def test_left_to_right_order_commits_a_growing_prefix_whatever_the_confidence():
+    length, steps = 12, 5
+    target = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(2))
+    seen = []
+
+    def model_fn(x, t, cond):
+        seen.append(x.clone())
+        logits = oracle(target, scale=1.0)(x, t, cond)
+        # The last position is the most confident: "confidence" order would take it first.
+        logits[..., -1, :] *= 10
+        return logits
+
+    out = MaskedDiffusion(VOCAB).sample(model_fn, (2, length), steps=steps, temperature=0.0, order="left_to_right")
+    assert torch.equal(out, target.expand(2, length))
+    for x in seen[1:]:
+        decided = (x != MASK).int()
+        assert decided.any() and (decided.diff(dim=1) <= 0).all()  # decided positions form a prefix
+    seen.clear()
+    MaskedDiffusion(VOCAB).sample(model_fn, (2, length), steps=steps, temperature=0.0, choice_temperature=0.0)
+    assert (seen[1][:, -1] != MASK).all()  # the confident last position goes first by default
+    with pytest.raises(ValueError, match="order"):
+        MaskedDiffusion(VOCAB).sample(model_fn, (2, length), steps=steps, order="random")
+
+
 def test_guidance_zero_equals_unconditional_and_requires_uncond():
     g = torch.Generator().manual_seed(0)
     table_cond = torch.randn(3, 8, VOCAB, generator=g) * 2

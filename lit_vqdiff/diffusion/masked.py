@@ -26,6 +26,7 @@ from lit_vqdiff.nn.conditions import cat_conditions
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 SCHEDULES = ("cosine", "linear", "arccos")
+DECODING_ORDERS = ("confidence", "left_to_right")
 
 
 class MaskSchedule:
@@ -119,6 +120,7 @@ class MaskedDiffusion:
         temperature: float = 1.0,
         guidance: float = 1.0,
         choice_temperature: float = 4.5,
+        order: str = "confidence",
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
@@ -128,12 +130,18 @@ class MaskedDiffusion:
         choice_temperature scales Gumbel noise on the confidences, annealed linearly to 0
         so that early choices explore and late ones are greedy. guidance != 1 runs cond
         and uncond as one batch and uses logits = uncond + guidance * (cond - uncond).
+        ``order`` picks which codes each step keeps: the most confident ("confidence"),
+        or the first still-masked positions ("left_to_right"): for text, where a word of
+        uncertain length shifts every later byte, committing bytes in reading order keeps
+        the spelling consistent.
         """
         batch, length = shape[0], math.prod(shape[1:])
         if not 1 <= steps <= length:
             raise ValueError(f"steps must be in [1, {length}] (one code at least per step), got {steps!r}")
         if temperature < 0 or choice_temperature < 0:
             raise ValueError(f"temperatures must be >= 0, got {temperature!r} and {choice_temperature!r}")
+        if order not in DECODING_ORDERS:
+            raise ValueError(f"order must be one of {DECODING_ORDERS}, got {order!r}")
         if guidance != 1.0 and uncond is None:
             raise ValueError(f"guidance={guidance} needs an unconditional condition (uncond)")
         if device is None:
@@ -154,8 +162,11 @@ class MaskedDiffusion:
             if still_masked == 0:
                 x = drawn
                 continue
-            noise_scale = choice_temperature * (1.0 - (step + 1) / steps)
-            confidence = log_probs + noise_scale * gumbel_noise((batch, length), generator, x.device)
+            if order == "left_to_right":
+                confidence = -torch.arange(length, device=x.device, dtype=log_probs.dtype).expand(batch, length)
+            else:
+                noise_scale = choice_temperature * (1.0 - (step + 1) / steps)
+                confidence = log_probs + noise_scale * gumbel_noise((batch, length), generator, x.device)
             # Codes decided at earlier steps stay decided.
             confidence = confidence.masked_fill(~masked, math.inf)
             remask = confidence.topk(still_masked, dim=1, largest=False).indices

@@ -137,7 +137,9 @@ class GeneratorModule(StageModule):
         s = self.cfg.sampling
         steps = steps or s.steps
         guidance = s.guidance if guidance is None else guidance
-        temperature = s.temperature if temperature is None else temperature
+        text = self.target.modality == "text"
+        if temperature is None:
+            temperature = s.text_temperature if text else s.temperature
         source = self.source.tokens(batch)
         n = source.shape[0]
         cond = self.cond_encoder(source)
@@ -152,8 +154,8 @@ class GeneratorModule(StageModule):
                 latents = self.diffusion.ddpm_sample(self.dit, shape, cond, uncond, guidance=guidance, steps=s.ddpm_steps, generator=generator, device=self.device)
             return self.from_latents(latents)
         return self.diffusion.sample(self.dit, (n, *self.target.shape), cond, uncond, steps=steps, temperature=temperature,
-                                     guidance=guidance, choice_temperature=s.choice_temperature, generator=generator,
-                                     device=self.device)
+                                     guidance=guidance, choice_temperature=s.choice_temperature,
+                                     order=s.text_order if text else "confidence", generator=generator, device=self.device)
 
     def decode(self, tokens: torch.Tensor) -> Any:
         return self.target.decode(tokens)
