@@ -52,13 +52,13 @@ def fashion_root() -> Path | None:
     return root
 
 
-def training_wait(steps: int) -> dict[str, float]:
+def training_wait(steps: int, modality: str = "image") -> dict[str, float]:
     """A real default stage-1 run (its config, its data, its workers) for ``steps`` steps."""
     from lit_vqdiff.stages.tokenizer import TokenizerModule
     from lit_vqdiff.training import build_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("stage1", [f"run.root={tmp}", "logger=none", f"trainer.max_steps={steps}",
+        cfg = load_config("stage1", [f"modality={modality}", f"run.root={tmp}", "logger=none", f"trainer.max_steps={steps}",
                                      f"trainer.val_every_steps={steps}", "trainer.limit_val_batches=1"])
         ensure_dataset(cfg.data)
         timer = DataWaitTimer()
@@ -95,12 +95,15 @@ def main() -> None:
         data.root, data.name = str(fashion), "fashion-mnist"
         loaders["fashion-mnist"] = {f"workers_{w}": loader_rate(data, ("image",), w, args.batches) for w in (0, 2)}
     wait = training_wait(args.steps)
+    audio_wait = training_wait(args.steps, "audio")
     write_result("data_throughput", {
         "loader_samples_per_s": {name: {k: v["samples_per_s"] for k, v in runs.items()} for name, runs in loaders.items()},
         "loader_detail": loaders,
         "train_samples_per_s": wait["train_samples_per_s"],
         "data_wait_fraction": wait["data_wait_fraction"],
         "training_run": wait,
+        # The audio tokenizer's default run: same measurement, its own loader (WAV decode).
+        "audio_training_run": audio_wait,
         "config": {"stage": "stage1", "modality": cfg.modality, "batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers},
     })
 

@@ -3,7 +3,7 @@
 Both runs use the default stage-2 config of the task and the same tokenizer; only
 ``tokenizers.cache`` differs. Needs the task's tokenizers (runs/latest-stage1*).
 
-    .venv/bin/python bench/token_cache.py [--task text->image] [--steps 60]
+    .venv/bin/python bench/token_cache.py [--tasks text->image,image->audio] [--steps 60]
 """
 
 from __future__ import annotations
@@ -53,17 +53,18 @@ def steps_per_second(task: str, cached: bool, steps: int, warmup: int) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--task", default="text->image")
+    parser.add_argument("--tasks", default="text->image,image->audio,image->text", help="comma-separated")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
-    on_the_fly = steps_per_second(args.task, False, args.steps, args.warmup)
-    cached = steps_per_second(args.task, True, args.steps, args.warmup)
+    tasks = {}
+    for task in args.tasks.split(","):
+        on_the_fly = steps_per_second(task, False, args.steps, args.warmup)
+        cached = steps_per_second(task, True, args.steps, args.warmup)
+        tasks[task] = {"cached": cached, "on_the_fly": on_the_fly,
+                       "speedup": round(cached["steps_per_s"] / on_the_fly["steps_per_s"], 2)}
     write_result("token_cache", {
-        "task": args.task,
-        "cached": cached,
-        "on_the_fly": on_the_fly,
-        "speedup": round(cached["steps_per_s"] / on_the_fly["steps_per_s"], 2),
+        "tasks": tasks,
         "config": {"stage": "stage2", "steps_timed": args.steps, "warmup_steps": args.warmup},
     })
 

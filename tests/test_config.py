@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lit_vqdiff.cli import main
-from lit_vqdiff.config import ConfigError, apply_overrides, config_hash, load_config, load_saved, save_config
+from lit_vqdiff.config import CONF_DIR, ConfigError, apply_overrides, config_hash, load_config, load_saved, save_config
 
 
 def test_defaults_load_for_both_stages():
@@ -74,11 +75,15 @@ def test_modality_picks_its_tokenizer_preset():
         load_config("stage1", ["modality=audio", "tokenizer.frontend=pixels"])
 
 
-def test_task_picks_its_preset_and_explicit_overrides_win():
-    default, caption = load_config("stage2"), load_config("stage2", ["task=image->text"])
-    assert caption.trainer.max_steps < default.trainer.max_steps  # conf/task/image-to-text.yaml
-    assert load_config("stage2", ["task=image->audio"]).trainer.max_steps == default.trainer.max_steps
-    assert load_config("stage2", ["trainer.max_steps=7", "task=image->text"]).trainer.max_steps == 7
+def test_task_picks_its_preset_and_explicit_overrides_win(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "task").mkdir(exist_ok=True)
+    (conf / "task" / "image-to-text.yaml").write_text("trainer:\n  max_steps: 123\n")
+    assert load_config("stage2", ["task=image->text"], conf_dir=conf).trainer.max_steps == 123
+    default = load_config("stage2", conf_dir=conf).trainer.max_steps
+    assert default != 123 and load_config("stage2", ["task=image->audio"], conf_dir=conf).trainer.max_steps == default
+    assert load_config("stage2", ["trainer.max_steps=7", "task=image->text"], conf_dir=conf).trainer.max_steps == 7
     with pytest.raises(ConfigError, match="sampling.text_order=random.*left_to_right"):
         load_config("stage2", ["sampling.text_order=random"])
 

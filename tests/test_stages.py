@@ -80,3 +80,16 @@ def test_stage2_fast_dev_run(shapes_root, tmp_path, extra):
     for m, tok in module.tokenizers.items():  # frozen: neither the optimizer nor a codebook update touched them
         assert not tok.training and not any(p.requires_grad for p in tok.parameters())
         assert all(torch.equal(v, before[m][k]) for k, v in tok.state_dict().items())
+
+
+# torch.compile's first import touches torch.jit internals that warn about their own deprecation.
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+def test_compile_switch_keeps_checkpoint_names():
+    """trainer.compile wraps the conv stacks in place: a compiled module's state dict loads
+    into an eager one and back, so checkpoints do not depend on the switch."""
+    eager = TokenizerModule(load_config("stage1", ["tokenizer.channels=16"]))
+    compiled = TokenizerModule(load_config("stage1", ["tokenizer.channels=16", "trainer.compile=true"]))
+    assert compiled.tokenizer.encoder._compiled_call_impl is not None
+    assert eager.tokenizer.encoder._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager.load_state_dict(compiled.state_dict())
