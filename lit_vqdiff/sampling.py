@@ -102,7 +102,7 @@ def sample_to_dir(module: Any, n: int, out: Path | str, batch_size: int = 100, s
     tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     tmp.replace(out / MANIFEST)
     s = cfg.sampling
-    text = cfg.task.endswith("->text")
+    text = tgt == "text"
     settings = {"guidance": s.guidance, "temperature": s.text_temperature if text else s.temperature}
     if text:
         settings["order"] = s.text_order
