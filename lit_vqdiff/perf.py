@@ -13,33 +13,51 @@ class DataWaitTimer(L.Callback):
 
     The gap between the end of one training step and the start of the next is where the
     loop fetches the next batch; validation is left out of both sides. The start-up of a
-    new epoch's loader workers counts as waiting: a researcher pays for it too. Logged as
-    ``perf/data_wait_fraction`` at each logging step.
+    new epoch's loader workers counts as waiting: a researcher pays for it too. A step ends
+    when the last callback is done with it (``closer``, which build_trainer puts at the end
+    of the list): EMA updates or checkpoint saves are training work, not data waits.
+    Logged as ``perf/data_wait_fraction`` at each logging step.
     """
 
     def __init__(self) -> None:
         self.wait_s = 0.0
         self.step_s = 0.0
-        self._last_end: float | None = None
-        self._start = 0.0
+        self._start: float | None = None  # start of the open step
+        self._end: float | None = None  # latest end mark of the open (or last) step
+        self.closer = StepEndMark(self)
 
     @property
     def fraction(self) -> float:
         total = self.wait_s + self.step_s
         return self.wait_s / total if total > 0 else 0.0
 
+    def mark_end(self) -> None:
+        """The step is (so far) done now; a later mark for the same step moves its end."""
+        now = time.perf_counter()
+        if self._start is not None:
+            self.step_s += now - (self._end if self._end is not None and self._end > self._start else self._start)
+        self._end = now
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
-        if self._last_end is not None:
-            self.wait_s += now - self._last_end
-        self._start = now
+        if self._end is not None:
+            self.wait_s += now - self._end
+        self._start, self._end = now, None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        self.step_s += now - self._start
-        self._last_end = now
+        self.mark_end()
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             pl_module.log("perf/data_wait_fraction", self.fraction, on_step=True, rank_zero_only=True)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_end = None  # the wait for the first batch after validation is not a data wait
+        self._end = None  # the wait for the first batch after validation is not a data wait
+
+
+class StepEndMark(L.Callback):
+    """Moves its DataWaitTimer's end of step to after every callback listed before it."""
+
+    def __init__(self, timer: DataWaitTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.timer.mark_end()

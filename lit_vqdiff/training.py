@@ -84,12 +84,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
     # have changed it, so 0 restores the count torch chose at start-up.
     torch.set_num_threads(t.threads if t.threads > 0 else DEFAULT_THREADS)
     last = LastCheckpoint(runs.checkpoint_path(run_dir), every_minutes=t.checkpoint_every_minutes, every_steps=t.checkpoint_every_steps)
-    all_callbacks: list[L.Callback] = [StepSeed(cfg.run.seed), ConfigConsistency(), DataWaitTimer(),
+    callbacks = list(callbacks or [])
+    # One data-wait probe per run: the caller's, when it passes one to read afterwards.
+    timer = next((c for c in callbacks if isinstance(c, DataWaitTimer)), None) or DataWaitTimer()
+    callbacks = [c for c in callbacks if c is not timer]
+    all_callbacks: list[L.Callback] = [timer, StepSeed(cfg.run.seed), ConfigConsistency(),
                                        MediaLogger(run_dir, every=cfg.logger.media_every_val)]
     interactive = sys.stdout.isatty()
     if not interactive:
         all_callbacks.append(ProgressPrinter(every=max(t.log_every_steps, t.max_steps // 20)))
-    all_callbacks += [*(callbacks or []), last]  # last: its saves include what the others did with the batch
+    # last: its saves include what the others did with the batch; then the probe's end of
+    # step, so that callback work counts as training, not as waiting for data.
+    all_callbacks += [*callbacks, last, timer.closer]
     logger = build_logger(cfg, run_dir) if not t.fast_dev_run else False
     return L.Trainer(
         accelerator=t.accelerator,

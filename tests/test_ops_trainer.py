@@ -146,3 +146,29 @@ def test_two_ranks_stage2_hold_identical_weights(shapes_root, tmp_path):
     ema = EMAWeights(decay=cfg.generator.ema_decay)
     first, second, _ = two_rank_fit(cfg, module, stage_inputs(cfg.task, cached=False), tmp_path, callbacks=[ema])
     assert_ranks_agree(first, second, cfg, steps=4)
+
+
+def test_data_wait_counts_callback_work_as_training_not_waiting(tmp_path, monkeypatch):
+    """A slow callback after the step (an EMA update, a checkpoint save) is training time;
+    only the gap between the last callback and the next batch is waiting for data."""
+    from lit_vqdiff import perf
+    from lit_vqdiff.training import build_trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: clock[0])
+    trainer = build_trainer(load_config("stage1", [f"run.root={tmp_path}", "logger=none"]), tmp_path)
+    timer = next(c for c in trainer.callbacks if isinstance(c, perf.DataWaitTimer))
+    assert trainer.callbacks[-1] is timer.closer  # after every other callback
+    for _ in range(3):
+        timer.on_train_batch_start(trainer, None, None, 0)
+        clock[0] += 1.0  # forward, backward, optimizer
+        timer.mark_end()  # the probe's own batch end...
+        clock[0] += 0.5  # ...then the callbacks listed after it
+        timer.closer.on_train_batch_end(trainer, None, None, None, 0)
+        clock[0] += 0.1  # fetching the next batch
+    timer.on_train_batch_start(trainer, None, None, 0)
+    assert timer.step_s == pytest.approx(4.5) and timer.wait_s == pytest.approx(0.3)
+    timer.on_validation_start(trainer, None)  # validation between steps is neither
+    clock[0] += 7.0
+    timer.on_train_batch_start(trainer, None, None, 0)
+    assert timer.wait_s == pytest.approx(0.3)
