@@ -25,7 +25,7 @@ from lit_vqdiff.config import load_config
 from lit_vqdiff.diffusion.gaussian import GaussianDiffusion
 from lit_vqdiff.diffusion.masked import MaskedDiffusion
 from lit_vqdiff.nn.conditions import ByteTextEncoder
-from lit_vqdiff.nn.dit import DIT_PRESETS, DiT
+from lit_vqdiff.nn.dit import DiT, trunk_size
 from lit_vqdiff.text import encode_text
 
 METHODS = ("mask", "ddim_50", "ddpm_250")
@@ -42,25 +42,24 @@ def measure(method: str, batch: int) -> dict[str, Any]:
     """Latency and peak memory of one sampling method, in the calling process."""
     cfg = load_config("stage2")
     g, s = cfg.generator, cfg.sampling
-    p = DIT_PRESETS[g.preset]
-    width, depth, heads = g.width or p["width"], g.depth or p["depth"], g.heads or p["heads"]
+    width, depth, heads = trunk_size(g.preset, g.width, g.depth, g.heads)
     text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.cond_patch_size).eval()
     common = dict(width=width, depth=depth, heads=heads, cond_dim=width, pooled_cond_dim=width, pos=g.pos,
                   seq_shape=GRID, patch_size=g.patch_size)
     tokens = encode_text(["a small red circle on the left"] * batch, cfg.data.text_bytes)[0]
+    steps = s.steps if method == "mask" else int(method.split("_")[1])
     drop = torch.ones(batch, dtype=torch.bool)
     if method == "mask":
         dit = DiT(input="tokens", vocab_size=256, **common).eval()
         diffusion = MaskedDiffusion(256, schedule=g.mask_schedule)
 
         def sample(c, u):  # noqa: ANN001, ANN202
-            return diffusion.sample(dit, (batch, *GRID), c, u, steps=s.steps, guidance=s.guidance,
+            return diffusion.sample(dit, (batch, *GRID), c, u, steps=steps, guidance=s.guidance,
                                     choice_temperature=s.choice_temperature)
     else:
         dit = DiT(input="latent", in_channels=LATENT_CHANNELS, **common).eval()
         diffusion = GaussianDiffusion(g.gaussian.num_steps, g.gaussian.schedule, g.gaussian.prediction)
         shape = (batch, LATENT_CHANNELS, *GRID)
-        steps = int(method.split("_")[1])
         draw = diffusion.ddim_sample if method.startswith("ddim") else diffusion.ddpm_sample
 
         def sample(c, u):  # noqa: ANN001, ANN202
@@ -76,7 +75,7 @@ def measure(method: str, batch: int) -> dict[str, Any]:
     peak = matmul_flops(torch.bfloat16 if low else torch.float32)
     ms = 1000 * seconds / batch
     return {
-        "steps": s.steps if method == "mask" else int(method.split("_")[1]),
+        "steps": steps,
         "batch_s": round(seconds, 4),
         "ms_per_sample": round(ms, 3),
         # Latency in units of the machine's own matmul speed: GFLOP of matmul work the

@@ -25,7 +25,7 @@ from lit_vqdiff.config import load_config
 from lit_vqdiff.diffusion.masked import MaskedDiffusion
 from lit_vqdiff.nn.conditions import ByteTextEncoder
 from lit_vqdiff.text import encode_text
-from lit_vqdiff.nn.dit import DIT_PRESETS, DiT
+from lit_vqdiff.nn.dit import DiT, trunk_size
 from lit_vqdiff.nn.tokenizer import Tokenizer
 
 
@@ -55,11 +55,7 @@ def stage2_step(preset: str, batch: int, precision: str, compiled: bool) -> dict
     """One stage-2 training step of the default text->image shapes at ``preset`` size."""
     cfg = load_config("stage2")
     g = cfg.generator
-    if preset == "default":
-        p = DIT_PRESETS[g.preset]
-        width, depth, heads = g.width or p["width"], g.depth or p["depth"], g.heads or p["heads"]
-    else:
-        width, depth, heads = (DIT_PRESETS[preset][k] for k in ("width", "depth", "heads"))
+    width, depth, heads = trunk_size(g.preset, g.width, g.depth, g.heads) if preset == "default" else trunk_size(preset)
     vocab = load_config("stage1").tokenizer.quantizer.codebook_size
     dit = DiT(width=width, depth=depth, heads=heads, input="tokens", vocab_size=vocab, seq_shape=(8, 8),
               patch_size=g.patch_size, cond_dim=width, pooled_cond_dim=width, pos=g.pos)

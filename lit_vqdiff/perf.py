@@ -35,7 +35,7 @@ class DataWaitTimer(L.Callback):
         """The step is (so far) done now; a later mark for the same step moves its end."""
         now = time.perf_counter()
         if self._start is not None:
-            self.step_s += now - (self._end if self._end is not None and self._end > self._start else self._start)
+            self.step_s += now - (self._start if self._end is None else self._end)
         self._end = now
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -102,10 +102,10 @@ def sample_to_dir(module: Any, n: int, out: Path | str, batch_size: int = 100, s
     tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     tmp.replace(out / MANIFEST)
     s = cfg.sampling
-    text = tgt == "text"
-    settings = {"guidance": s.guidance, "temperature": s.text_temperature if text else s.temperature}
-    if text:
-        settings["order"] = s.text_order
+    decoding = module.decoding()
+    settings = {"guidance": s.guidance, "temperature": decoding["temperature"]}
+    if tgt == "text":
+        settings["order"] = decoding["order"]
     settings.update({"sampler": s.sampler, "ddim_steps": s.ddim_steps} if cfg.generator.objective == "gaussian" else {"steps": s.steps})
     return {"out": str(out), "task": cfg.task, "n": n, "objective": cfg.generator.objective, **settings}
 

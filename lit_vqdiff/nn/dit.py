@@ -43,6 +43,12 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+def trunk_size(preset: str, width: int | None = None, depth: int | None = None, heads: int | None = None) -> tuple[int, int, int]:
+    """(width, depth, heads) of a preset, each replaced where given (generator.width etc.)."""
+    p = DIT_PRESETS[preset]
+    return width or p["width"], depth or p["depth"], heads or p["heads"]
+
+
 def sincos_1d(positions: Tensor, dim: int) -> Tensor:
     """Fixed sine/cosine features (N, dim) of 1D positions."""
     half = dim // 2

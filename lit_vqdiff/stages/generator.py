@@ -25,7 +25,7 @@ from ..data import shapes, verify
 from ..diffusion.gaussian import GaussianDiffusion
 from ..diffusion.masked import MaskedDiffusion
 from ..nn.conditions import ByteTextEncoder, ClassCondition, CodeEncoder, Condition, drop_mask
-from ..nn.dit import DIT_PRESETS, DiT
+from ..nn.dit import DiT, trunk_size
 from ..nn.tokenizer import Tokenizer
 from ..tasks import TokenSpace, parse_task, raw_batch, stage_inputs, token_space
 from .base import StageModule
@@ -52,8 +52,7 @@ class GeneratorModule(StageModule):
         text_bytes = cfg.data.text_bytes
         self.source = token_space(self.source_modality, dict(self.tokenizers), text_bytes)
         self.target = token_space(self.target_modality, dict(self.tokenizers), text_bytes)
-        preset = DIT_PRESETS[g.preset]
-        width, depth, heads = g.width or preset["width"], g.depth or preset["depth"], g.heads or preset["heads"]
+        width, depth, heads = trunk_size(g.preset, g.width, g.depth, g.heads)
         self.cond_encoder = self._condition_encoder(self.source, width, heads)
         class_cond = self.source.modality == "class"
         common = dict(width=width, depth=depth, heads=heads, pos=g.pos,
@@ -137,9 +136,8 @@ class GeneratorModule(StageModule):
         s = self.cfg.sampling
         steps = steps or s.steps
         guidance = s.guidance if guidance is None else guidance
-        text = self.target.modality == "text"
-        if temperature is None:
-            temperature = s.text_temperature if text else s.temperature
+        decoding = self.decoding()
+        temperature = decoding["temperature"] if temperature is None else temperature
         source = self.source.tokens(batch)
         n = source.shape[0]
         cond = self.cond_encoder(source)
@@ -155,7 +153,14 @@ class GeneratorModule(StageModule):
             return self.from_latents(latents)
         return self.diffusion.sample(self.dit, (n, *self.target.shape), cond, uncond, steps=steps, temperature=temperature,
                                      guidance=guidance, choice_temperature=s.choice_temperature,
-                                     order=s.text_order if text else "confidence", generator=generator, device=self.device)
+                                     order=decoding["order"], generator=generator, device=self.device)
+
+    def decoding(self) -> dict[str, Any]:
+        """Mask-decoding temperature and order for this target (captions have their own)."""
+        s = self.cfg.sampling
+        if self.target.modality == "text":
+            return {"temperature": s.text_temperature, "order": s.text_order}
+        return {"temperature": s.temperature, "order": "confidence"}
 
     def decode(self, tokens: torch.Tensor) -> Any:
         return self.target.decode(tokens)
