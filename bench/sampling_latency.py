@@ -43,7 +43,7 @@ def measure(method: str, batch: int) -> dict[str, Any]:
     cfg = load_config("stage2")
     g, s = cfg.generator, cfg.sampling
     width, depth, heads = trunk_size(g.preset, g.width, g.depth, g.heads)
-    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.cond_patch_size).eval()
+    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.text_patch_size).eval()
     common = dict(width=width, depth=depth, heads=heads, cond_dim=width, pooled_cond_dim=width, pos=g.pos,
                   seq_shape=GRID, patch_size=g.patch_size)
     tokens = encode_text(["a small red circle on the left"] * batch, cfg.data.text_bytes)[0]

@@ -59,7 +59,7 @@ def stage2_step(preset: str, batch: int, precision: str, compiled: bool) -> dict
     vocab = load_config("stage1").tokenizer.quantizer.codebook_size
     dit = DiT(width=width, depth=depth, heads=heads, input="tokens", vocab_size=vocab, seq_shape=(8, 8),
               patch_size=g.patch_size, cond_dim=width, pooled_cond_dim=width, pos=g.pos)
-    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.cond_patch_size)
+    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.text_patch_size)
     diffusion = MaskedDiffusion(vocab, schedule=g.mask_schedule)
     params = [*dit.parameters(), *text.parameters()]
     if compiled:  # what trainer.compile=true does

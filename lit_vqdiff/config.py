@@ -200,7 +200,7 @@ class GeneratorConfig:
     patch_size: int = 1  # codes (or latent cells) per trunk token along each axis
     pos: str = "learned"  # learned | sincos
     cond_depth: int = 2  # layers of the condition encoder (text bytes, codes)
-    cond_patch_size: int = 1  # caption bytes per position of the condition sequence (codes use patch_size)
+    text_patch_size: int = 1  # caption bytes per position, as a condition or a target (codes use patch_size)
     cond_dropout: float = 0.1  # classifier-free guidance: share of conditions dropped in training
     mask_schedule: str = "cosine"
     label_smoothing: float = 0.0
@@ -517,10 +517,27 @@ def save_config(cfg: DictConfig, path: Path | str) -> None:
 
 def load_saved(path: Path | str) -> DictConfig:
     """A config saved in a run folder, validated against the current schema."""
-    data = _read_yaml(Path(path))
+    return saved_config(_read_yaml(Path(path)), source=str(path))
+
+
+def saved_config(data: dict[str, Any], source: str) -> DictConfig:
+    """A config as a run or a checkpoint saved it, upgraded from older key names, validated."""
     stage = data.get("stage")
     if stage not in SCHEMAS:
-        raise ConfigError(f"{path}: 'stage' must be one of {sorted(SCHEMAS)}, got {stage!r}")
-    cfg = _merge(OmegaConf.structured(SCHEMAS[stage]), data, source=str(path))
+        raise ConfigError(f"{source}: 'stage' must be one of {sorted(SCHEMAS)}, got {stage!r}")
+    cfg = _merge(OmegaConf.structured(SCHEMAS[stage]), _upgraded(data), source=source)
     validate(cfg)
     return cfg
+
+
+def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """Older saved configs in today's keys, with the model they describe unchanged."""
+    generator = data.get("generator")
+    if isinstance(generator, dict) and "cond_patch_size" in generator:
+        # `cond_patch_size` patched text conditions only; a text target used `patch_size`.
+        generator = dict(generator)
+        cond_patch = generator.pop("cond_patch_size")
+        text_target = str(data.get("task", "")).endswith("->text")
+        generator["text_patch_size"] = generator.get("patch_size", 1) if text_target else cond_patch
+        data = {**data, "generator": generator}
+    return data

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from . import media, runs
 from .callbacks import load_checkpoint_file
-from .config import ConfigError, Stage2Config, apply_overrides
+from .config import ConfigError, Stage2Config, apply_overrides, saved_config
 from .data import shapes
 from .evaluate import MANIFEST
 from .nn.tokenizer import Tokenizer
@@ -38,7 +38,8 @@ def load_generator(path: Path | str | None = None, map_location: str = "cpu") ->
     hp = ckpt.get("hyper_parameters") or {}
     if "config" not in hp or hp["config"].get("stage") != "stage2":
         raise ValueError(f"{path}: not a stage-2 checkpoint (no stage2 config in its hyper-parameters)")
-    cfg = OmegaConf.merge(OmegaConf.structured(Stage2Config), hp["config"])
+    saved = hp["config"]
+    cfg = saved_config(OmegaConf.to_container(saved) if OmegaConf.is_config(saved) else dict(saved), source=str(path))
     tokenizers = {m: Tokenizer.from_spec(meta["spec"]) for m, meta in hp.get("tokenizers", {}).items()}
     module = GeneratorModule(cfg, tokenizers, hp.get("tokenizers", {}))
     # "state_dict" holds the EMA weights (the weight-averaging callback puts them there).

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lit_vqdiff.cli import main
 from lit_vqdiff.config import CONF_DIR, ConfigError, apply_overrides, config_hash, load_config, load_saved, save_config
@@ -100,6 +101,18 @@ def test_saved_config_round_trip_and_hash(tmp_path):
     assert again.task == "image->audio" and again.trainer.max_steps == 11
     assert config_hash(again) == config_hash(cfg)
     assert config_hash(apply_overrides(again, ["trainer.max_steps=12"])) != config_hash(cfg)
+
+
+@pytest.mark.parametrize("task, expected", [("text->image", 4), ("image->text", 2)])
+def test_configs_saved_with_cond_patch_size_load_as_the_same_model(tmp_path, task, expected):
+    """`cond_patch_size` patched text conditions only; a caption target used `patch_size`."""
+    cfg = OmegaConf.to_container(load_config("stage2", [f"task={task}"]))
+    generator = cfg["generator"]
+    del generator["text_patch_size"]
+    generator.update(cond_patch_size=4, patch_size=2)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    old = load_saved(tmp_path / "config.yaml")
+    assert old.generator.text_patch_size == expected and "cond_patch_size" not in old.generator
 
 
 def test_resuming_run_dir_uses_the_saved_config(tmp_path):

@@ -93,3 +93,14 @@ def test_compile_switch_keeps_checkpoint_names():
     assert eager.tokenizer.encoder._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(eager.state_dict())
     eager.load_state_dict(compiled.state_dict())
+
+
+@pytest.mark.parametrize("task, trunk_tokens", [("image->text", 12), ("text->image", 16)])
+def test_text_patch_size_groups_caption_bytes_as_a_target_too(shapes_root, tmp_path, task, trunk_tokens):
+    cfg = load_config("stage2", tiny_stage2(shapes_root, tmp_path / "runs", f"task={task}", "data.text_bytes=48",
+                                            "generator.patch_size=2", "generator.text_patch_size=4"))
+    tokenizers, meta = random_tokenizers(["image"], shapes_root)
+    module = GeneratorModule(cfg, tokenizers, meta)
+    assert math.prod(module.dit.grid) == trunk_tokens  # 48 bytes / 4, or an 8x8 code grid / 2x2
+    if task == "text->image":
+        assert module.cond_encoder.patch == 4

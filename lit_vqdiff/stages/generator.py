@@ -69,7 +69,8 @@ class GeneratorModule(StageModule):
             self.register_buffer("latent_mean", torch.tensor(stats["latent_mean"]).reshape(shape))
             self.register_buffer("latent_std", torch.tensor(stats["latent_std"]).reshape(shape))
         else:
-            self.dit = DiT(input="tokens", vocab_size=self.target.vocab, seq_shape=self.target.shape, patch_size=g.patch_size, **common)
+            patch = g.text_patch_size if self.target.modality == "text" else g.patch_size
+            self.dit = DiT(input="tokens", vocab_size=self.target.vocab, seq_shape=self.target.shape, patch_size=patch, **common)
             self.diffusion = MaskedDiffusion(self.target.vocab, schedule=g.mask_schedule, label_smoothing=g.label_smoothing)
         if cfg.trainer.compile:
             # In place (nn.Module.compile), so checkpoints keep the eager parameter names.
@@ -84,7 +85,7 @@ class GeneratorModule(StageModule):
         if source.modality == "class":
             return ClassCondition(shapes.NUM_CLASSES)
         if source.modality == "text":
-            return ByteTextEncoder(width, g.cond_depth, heads, source.shape[0], patch=g.cond_patch_size)
+            return ByteTextEncoder(width, g.cond_depth, heads, source.shape[0], patch=g.text_patch_size)
         # Codes as a condition are grouped like codes as a target.
         return CodeEncoder(source.vocab, source.shape, width, g.cond_depth, heads, patch=g.patch_size)
 
