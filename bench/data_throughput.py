@@ -73,6 +73,9 @@ def training_wait(steps: int, modality: str = "image") -> dict[str, float]:
         "train_samples_per_s": round(steps * cfg.data.batch_size / (timer.wait_s + timer.step_s), 1),
         "data_wait_fraction": round(timer.fraction, 4),
         "data_wait_s": round(timer.wait_s, 2),
+        # The rest of the gaps between steps: Lightning's per-step bookkeeping, logging.
+        "loop_fraction": round(timer.loop_fraction, 4),
+        "loop_s": round(timer.loop_s, 2),
         "step_s": round(timer.step_s, 2),
         "fit_wall_s": round(wall, 1),
     }

@@ -11,46 +11,70 @@ import lightning as L
 class DataWaitTimer(L.Callback):
     """Share of training wall time spent waiting for the next batch.
 
-    The gap between the end of one training step and the start of the next is where the
-    loop fetches the next batch; validation is left out of both sides. The start-up of a
-    new epoch's loader workers counts as waiting: a researcher pays for it too. A step ends
-    when the last callback is done with it (``closer``, which build_trainer puts at the end
-    of the list): EMA updates or checkpoint saves are training work, not data waits.
+    Between the end of one training step and the start of the next, the loop fetches the
+    next batch and does its own per-step bookkeeping (learning-rate schedulers, logging,
+    the module's batch-end hook); validation is left out of both sides. A train loader
+    with a ``fetch_seconds`` counter (``StreamLoader`` has one) says how much of that gap
+    was spent blocked on it: that is the data wait, the rest is ``loop_s``. For other
+    loaders the whole gap counts as waiting, an upper bound. The start-up of a new epoch's
+    loader workers counts as waiting: a researcher pays for it too. A step ends when the
+    last callback is done with it (``closer``, which build_trainer puts at the end of the
+    list): EMA updates or checkpoint saves are training work, not data waits.
     Logged as ``perf/data_wait_fraction`` at each logging step.
     """
 
     def __init__(self) -> None:
-        self.wait_s = 0.0
+        self.wait_s = 0.0  # blocked on the train loader
+        self.loop_s = 0.0  # the rest of the gaps between steps
         self.step_s = 0.0
         self._start: float | None = None  # start of the open step
         self._end: float | None = None  # latest end mark of the open (or last) step
+        self._fetched_at_end: float | None = None  # the loader's fetch_seconds at that mark
         self.closer = StepEndMark(self)
 
     @property
     def fraction(self) -> float:
-        total = self.wait_s + self.step_s
+        total = self.wait_s + self.loop_s + self.step_s
         return self.wait_s / total if total > 0 else 0.0
 
-    def mark_end(self) -> None:
+    @property
+    def loop_fraction(self) -> float:
+        total = self.wait_s + self.loop_s + self.step_s
+        return self.loop_s / total if total > 0 else 0.0
+
+    def mark_end(self, trainer: L.Trainer) -> None:
         """The step is (so far) done now; a later mark for the same step moves its end."""
         now = time.perf_counter()
         if self._start is not None:
             self.step_s += now - (self._start if self._end is None else self._end)
         self._end = now
+        self._fetched_at_end = fetch_seconds(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._end is not None:
-            self.wait_s += now - self._end
+            gap = now - self._end
+            fetched = fetch_seconds(trainer)
+            waited = gap
+            if fetched is not None and self._fetched_at_end is not None:
+                waited = min(gap, max(0.0, fetched - self._fetched_at_end))
+            self.wait_s += waited
+            self.loop_s += gap - waited
         self._start, self._end = now, None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.mark_end()
+        self.mark_end(trainer)
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             pl_module.log("perf/data_wait_fraction", self.fraction, on_step=True, rank_zero_only=True)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._end = None  # the wait for the first batch after validation is not a data wait
+
+
+def fetch_seconds(trainer: L.Trainer) -> float | None:
+    """Seconds the train loader has spent producing batches, when it keeps count."""
+    seconds = getattr(trainer.train_dataloader, "fetch_seconds", None)
+    return float(seconds) if seconds is not None else None
 
 
 class StepEndMark(L.Callback):
@@ -60,4 +84,4 @@ class StepEndMark(L.Callback):
         self.timer = timer
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.timer.mark_end()
+        self.timer.mark_end(trainer)

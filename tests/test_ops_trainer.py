@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -162,7 +163,7 @@ def test_data_wait_counts_callback_work_as_training_not_waiting(tmp_path, monkey
     for _ in range(3):
         timer.on_train_batch_start(trainer, None, None, 0)
         clock[0] += 1.0  # forward, backward, optimizer
-        timer.mark_end()  # the probe's own batch end...
+        timer.mark_end(trainer)  # the probe's own batch end...
         clock[0] += 0.5  # ...then the callbacks listed after it
         timer.closer.on_train_batch_end(trainer, None, None, None, 0)
         clock[0] += 0.1  # fetching the next batch
@@ -172,3 +173,40 @@ def test_data_wait_counts_callback_work_as_training_not_waiting(tmp_path, monkey
     clock[0] += 7.0
     timer.on_train_batch_start(trainer, None, None, 0)
     assert timer.wait_s == pytest.approx(0.3)
+
+
+def test_data_wait_is_the_time_blocked_on_a_loader_that_counts_it(tmp_path, monkeypatch):
+    """With a loader that keeps `fetch_seconds`, only that part of a gap between steps is a
+    data wait; the rest (schedulers, logging, the module's batch-end hook) is loop time."""
+    from lit_vqdiff import perf
+    from lit_vqdiff.training import build_trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: clock[0])
+    trainer = build_trainer(load_config("stage1", [f"run.root={tmp_path}", "logger=none"]), tmp_path)
+    loader = SimpleNamespace(fetch_seconds=0.0)
+    monkeypatch.setattr(type(trainer), "train_dataloader", property(lambda self: loader))
+    timer = next(c for c in trainer.callbacks if isinstance(c, perf.DataWaitTimer))
+    for _ in range(4):
+        timer.on_train_batch_start(trainer, None, None, 0)
+        clock[0] += 1.0
+        timer.closer.on_train_batch_end(trainer, None, None, None, 0)
+        clock[0] += 0.3  # loop bookkeeping...
+        loader.fetch_seconds += 0.2  # ...of which 0.2 s blocked on the loader
+    timer.on_train_batch_start(trainer, None, None, 0)
+    assert timer.wait_s == pytest.approx(0.8) and timer.loop_s == pytest.approx(0.4)
+    assert timer.fraction == pytest.approx(0.8 / 5.2) and timer.loop_fraction == pytest.approx(0.4 / 5.2)
+
+
+def test_stream_loader_counts_the_seconds_spent_producing_batches(shapes_root):
+    dm = ShardDataModule(load_config("stage1", [f"data.root={shapes_root}", "data.num_workers=0", "data.batch_size=8"]).data,
+                         ("image",))
+    dm.set_epoch(0)
+    loader = dm.train_dataloader()
+    assert loader.fetch_seconds == 0.0
+    batches = iter(loader)
+    next(batches)
+    first = loader.fetch_seconds
+    assert first > 0.0  # decoding 8 PNGs takes time
+    next(batches)
+    assert loader.fetch_seconds > first

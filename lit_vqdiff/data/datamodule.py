@@ -22,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -222,6 +223,7 @@ class StreamLoader:
         epoch_fn: Callable[[], int],
     ):
         self.stream, self.tracker, self.epoch_fn = stream, tracker, epoch_fn
+        self.fetch_seconds = 0.0  # blocked on the loader, read by perf.DataWaitTimer
         self.loader = DataLoader(
             stream,
             batch_size=None,
@@ -236,7 +238,22 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Set up before iter(DataLoader): workers take a copy of the stream when they start.
         self.tracker.start(self.epoch_fn(), self.stream)
-        return map(self.tracker.record, iter(self.loader))
+        start = time.perf_counter()
+        batches = iter(self.loader)  # starts the workers of a non-persistent loader
+        self.fetch_seconds += time.perf_counter() - start
+        return map(self.tracker.record, self._timed(batches))
+
+    def _timed(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The batches, adding the time spent waiting for each to ``fetch_seconds``."""
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.fetch_seconds += time.perf_counter() - start
+            yield batch
 
     def close(self) -> None:
         """Stop persistent workers now; Lightning does it at teardown only for DataLoader objects."""
