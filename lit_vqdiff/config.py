@@ -156,6 +156,7 @@ class TrainerConfig:
     fast_dev_run: bool = False
     deterministic: bool = False
     compile: bool = False  # torch.compile the trunks (inductor); the first steps pay for compiling
+    channels_last: bool = True  # image tokenizers in NHWC memory (faster convolutions); no effect on 1D audio
     threads: int = 0  # torch intra-op threads; 0 = torch's default
 
 

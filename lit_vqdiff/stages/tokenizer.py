@@ -55,6 +55,16 @@ class TokenizerModule(StageModule):
         self.val_metrics = ReconstructionMetrics(self.modality, q.codebook_size, q.num_codebooks, cfg.data.sample_rate,
                                                  verifier=cfg.data.name == SHAPES)
         self._media_batch: dict[str, torch.Tensor] | None = None
+        # NHWC lets oneDNN (and cuDNN) skip layout conversions around every convolution:
+        # the image tokenizer's training step measured 1.5-7% faster on the 2-core CPU.
+        self.channels_last = cfg.trainer.channels_last and self.modality == "image"
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def inputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's samples of this modality, in the tokenizer's memory layout."""
+        x = batch[self.modality]
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------------ training
 
@@ -76,7 +86,7 @@ class TokenizerModule(StageModule):
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        target, recon, q = self.tokenizer(batch[self.modality])
+        target, recon, q = self.tokenizer(self.inputs(batch))
         rec = self.reconstruction_loss(target, recon)
         loss = rec + q.loss
         if self.disc is not None:
@@ -120,7 +130,7 @@ class TokenizerModule(StageModule):
     # ------------------------------------------------------------------ validation
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x = batch[self.modality]
+        x = self.inputs(batch)
         valid = batch.get("valid")
         if valid is not None:
             x = x[valid.bool()]
