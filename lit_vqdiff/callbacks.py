@@ -293,3 +293,17 @@ class ProgressPrinter(L.Callback):
             return
         shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         print(f"validation at step {trainer.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())), flush=True)
+
+
+class CloseProcessGroup(L.Callback):
+    """Ends a multi-process run's process group on every rank once the ranks are done.
+
+    Lightning leaves a gloo group open at exit; a rank that exits while its peer's gloo
+    threads still hold their connection can abort the peer ("terminate called without an
+    active exception"). A barrier, then an orderly destroy, ends them together.
+    """
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import runs
-from .callbacks import AtomicCheckpointIO, ConfigConsistency, LastCheckpoint, MediaLogger, Preempted, ProgressPrinter, StepSeed
+from .callbacks import AtomicCheckpointIO, CloseProcessGroup, ConfigConsistency, LastCheckpoint, MediaLogger, Preempted, ProgressPrinter, StepSeed
 from .config import ConfigError, config_hash, load_config, load_saved, save_config
 from .loggers import SafeWandbLogger, build_logger
 from .perf import DataWaitTimer
@@ -95,7 +95,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
         all_callbacks.append(ProgressPrinter(every=max(t.log_every_steps, t.max_steps // 20)))
     # last: its saves include what the others did with the batch; then the probe's end of
     # step, so that callback work counts as training, not as waiting for data.
-    all_callbacks += [*callbacks, last, timer.closer]
+    all_callbacks += [*callbacks, CloseProcessGroup(), last, timer.closer]
     logger = build_logger(cfg, run_dir) if not t.fast_dev_run else False
     return L.Trainer(
         accelerator=t.accelerator,

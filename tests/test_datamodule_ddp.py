@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from lit_vqdiff.callbacks import CloseProcessGroup
 from lit_vqdiff.data.datamodule import ShardDataModule
 
 SIZES = [7, 3, 11, 5, 2, 9]  # 37 samples: 2 ranks x 19 with 1 padding repeat
@@ -60,6 +61,7 @@ def fit_two_ranks(dm: ShardDataModule, out: Path, epochs: int) -> dict[tuple[int
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out,
+        callbacks=[CloseProcessGroup()],
     )
     trainer.fit(KeyLogger(str(out)), datamodule=dm)
     return {(r, e): json.loads((out / f"rank{r}-epoch{e}.json").read_text()) for r in (0, 1) for e in range(epochs)}

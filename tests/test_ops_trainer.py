@@ -210,3 +210,24 @@ def test_stream_loader_counts_the_seconds_spent_producing_batches(shapes_root):
     assert first > 0.0  # decoding 8 PNGs takes time
     next(batches)
     assert loader.fetch_seconds > first
+
+
+def test_process_group_is_closed_when_the_run_ends(tmp_path, monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    from lit_vqdiff.callbacks import CloseProcessGroup
+
+    with socket.socket() as s:  # a free port for a one-rank gloo group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        trainer = build_trainer(load_config("stage1", [f"run.root={tmp_path}", "logger=none"]), tmp_path)
+        closer = next(c for c in trainer.callbacks if isinstance(c, CloseProcessGroup))
+        closer.teardown(trainer, None, "fit")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
