@@ -129,7 +129,6 @@ def main() -> None:
             r["mfu"] = round(r["achieved_flops"] / limit, 3)
             r["mfu_vs_fp32_matmul"] = round(r["achieved_flops"] / peak["fp32"], 3)
             results["stage2"].append(r)
-    results["stage1"] = []
     for channels_last in (False, True):
         s1 = stage1_step(64, channels_last)
         # Not called MFU: oneDNN's convolutions can outrun the torch.mm reference (ratio > 1),

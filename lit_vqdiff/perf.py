@@ -33,14 +33,17 @@ class DataWaitTimer(L.Callback):
         self.closer = StepEndMark(self)
 
     @property
+    def train_s(self) -> float:
+        """Training wall time the probe saw: steps plus the gaps between them."""
+        return self.wait_s + self.loop_s + self.step_s
+
+    @property
     def fraction(self) -> float:
-        total = self.wait_s + self.loop_s + self.step_s
-        return self.wait_s / total if total > 0 else 0.0
+        return self.wait_s / self.train_s if self.train_s > 0 else 0.0
 
     @property
     def loop_fraction(self) -> float:
-        total = self.wait_s + self.loop_s + self.step_s
-        return self.loop_s / total if total > 0 else 0.0
+        return self.loop_s / self.train_s if self.train_s > 0 else 0.0
 
     def mark_end(self, trainer: L.Trainer) -> None:
         """The step is (so far) done now; a later mark for the same step moves its end."""

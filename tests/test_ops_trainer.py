@@ -149,16 +149,20 @@ def test_two_ranks_stage2_hold_identical_weights(shapes_root, tmp_path):
     assert_ranks_agree(first, second, cfg, steps=4)
 
 
-def test_data_wait_counts_callback_work_as_training_not_waiting(tmp_path, monkeypatch):
-    """A slow callback after the step (an EMA update, a checkpoint save) is training time;
-    only the gap between the last callback and the next batch is waiting for data."""
+def probe_on_a_fake_clock(tmp_path, monkeypatch):
+    """A default Trainer, its data-wait probe, and the clock (a one-item list) the probe reads."""
     from lit_vqdiff import perf
-    from lit_vqdiff.training import build_trainer
 
     clock = [0.0]
     monkeypatch.setattr(perf.time, "perf_counter", lambda: clock[0])
     trainer = build_trainer(load_config("stage1", [f"run.root={tmp_path}", "logger=none"]), tmp_path)
-    timer = next(c for c in trainer.callbacks if isinstance(c, perf.DataWaitTimer))
+    return trainer, next(c for c in trainer.callbacks if isinstance(c, perf.DataWaitTimer)), clock
+
+
+def test_data_wait_counts_callback_work_as_training_not_waiting(tmp_path, monkeypatch):
+    """A slow callback after the step (an EMA update, a checkpoint save) is training time;
+    only the gap between the last callback and the next batch is waiting for data."""
+    trainer, timer, clock = probe_on_a_fake_clock(tmp_path, monkeypatch)
     assert trainer.callbacks[-1] is timer.closer  # after every other callback
     for _ in range(3):
         timer.on_train_batch_start(trainer, None, None, 0)
@@ -178,15 +182,9 @@ def test_data_wait_counts_callback_work_as_training_not_waiting(tmp_path, monkey
 def test_data_wait_is_the_time_blocked_on_a_loader_that_counts_it(tmp_path, monkeypatch):
     """With a loader that keeps `fetch_seconds`, only that part of a gap between steps is a
     data wait; the rest (schedulers, logging, the module's batch-end hook) is loop time."""
-    from lit_vqdiff import perf
-    from lit_vqdiff.training import build_trainer
-
-    clock = [0.0]
-    monkeypatch.setattr(perf.time, "perf_counter", lambda: clock[0])
-    trainer = build_trainer(load_config("stage1", [f"run.root={tmp_path}", "logger=none"]), tmp_path)
+    trainer, timer, clock = probe_on_a_fake_clock(tmp_path, monkeypatch)
     loader = SimpleNamespace(fetch_seconds=0.0)
     monkeypatch.setattr(type(trainer), "train_dataloader", property(lambda self: loader))
-    timer = next(c for c in trainer.callbacks if isinstance(c, perf.DataWaitTimer))
     for _ in range(4):
         timer.on_train_batch_start(trainer, None, None, 0)
         clock[0] += 1.0
@@ -212,7 +210,7 @@ def test_stream_loader_counts_the_seconds_spent_producing_batches(shapes_root):
     assert loader.fetch_seconds > first
 
 
-def test_process_group_is_closed_when_the_run_ends(tmp_path, monkeypatch):
+def test_process_group_is_closed_when_the_run_ends(tmp_path):
     import socket
 
     import torch.distributed as dist
