@@ -388,6 +388,15 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
     return cfg
 
 
+def override(key: str, value: Any) -> str:
+    """``key=value`` that parses back to ``value``: strings are YAML-quoted, since the
+    parser reads an empty value as null and ``007`` or ``true`` as a number or a bool, and
+    ``${`` is escaped so that it is not read as an interpolation."""
+    if isinstance(value, str):
+        return f"{key}='" + value.replace("'", "''").replace("${", "\\${") + "'"
+    return f"{key}={value}"
+
+
 def _split_override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip().lstrip("-")  # tolerate --key=value as W&B's ${args} renders it

@@ -12,7 +12,7 @@ from conftest import tiny_stage1, tiny_stage2
 from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.nn.tokenizer import Tokenizer
-from lit_vqdiff.stages.generator import GeneratorModule
+from lit_vqdiff.stages.generator import GeneratorModule, stage1_overrides
 from lit_vqdiff.tasks import stage_inputs
 from lit_vqdiff.stages.tokenizer import TokenizerModule
 from lit_vqdiff.training import build_trainer
@@ -123,3 +123,20 @@ def test_channels_last_image_tokenizer_computes_what_the_contiguous_one_does(sha
     # an audio tokenizer has no 2D layout to change
     audio = TokenizerModule(load_config("stage1", tiny_stage1(shapes_root, tmp_path / "runs", "modality=audio", "tokenizer.channels=16")))
     assert not audio.channels_last
+
+
+def test_stage2_hands_its_data_hardware_and_logger_settings_to_the_stage1_run_it_starts(tmp_path):
+    # Empty strings, spaces, quotes and number-like strings must reach stage 1 unchanged
+    # (an empty data.train used to arrive as null and fail the config).
+    root = tmp_path / "it's a 007 dir"
+    stage2 = load_config("stage2", [f"data.root={root}", "data.num_workers=0", "trainer.threads=1", "logger=csv",
+                                    f"run.root={tmp_path / 'runs'}", "run.seed=7", "task=image->audio"])
+    assert stage2.data.train == ""
+    stage1 = load_config("stage1", stage1_overrides(stage2, "audio"))
+    assert stage1.modality == "audio"
+    for key in ("name", "root", "train", "val", "num_workers"):
+        assert stage1.data[key] == stage2.data[key], key
+    for key in ("accelerator", "devices", "num_nodes", "strategy", "precision", "threads"):
+        assert stage1.trainer[key] == stage2.trainer[key], key
+    assert dict(stage1.logger) == dict(stage2.logger)
+    assert (stage1.run.root, stage1.run.seed) == (str(tmp_path / "runs"), 7)

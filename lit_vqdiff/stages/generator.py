@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .. import media
+from ..config import override
 from ..data import shapes, verify
 from ..diffusion.gaussian import GaussianDiffusion
 from ..diffusion.masked import MaskedDiffusion
@@ -223,11 +224,23 @@ class GeneratorModule(StageModule):
 # ---------------------------------------------------------------------- train stage2
 
 HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "threads")
+DATA_KEYS = ("name", "root", "train", "val", "num_workers")
 
 
 def _multi_process(cfg: DictConfig) -> bool:
     t = cfg.trainer
     return t.devices != 1 or t.num_nodes > 1 or any(s in t.strategy for s in ("ddp", "fsdp"))
+
+
+def stage1_overrides(cfg: DictConfig, modality: str) -> list[str]:
+    """What a stage-2 run hands to the stage-1 run it starts for a missing tokenizer: the
+    same data, hardware, logger, run folder root and seed."""
+    # modality=... picks a preset file (conf/modality/), so it stays a plain word.
+    passthrough = [f"modality={modality}", override("run.root", cfg.run.root), override("run.seed", cfg.run.seed)]
+    passthrough += [override(f"trainer.{k}", cfg.trainer[k]) for k in HARDWARE_KEYS]
+    passthrough += [override(f"logger.{k}", v) for k, v in cfg.logger.items() if v is not None]
+    passthrough += [override(f"data.{k}", v) for k, v in cfg.data.items() if k in DATA_KEYS]
+    return passthrough
 
 
 def ensure_tokenizers(cfg: DictConfig) -> tuple[dict[str, Tokenizer], dict[str, dict[str, Any]]]:
@@ -251,11 +264,7 @@ def ensure_tokenizers(cfg: DictConfig) -> tuple[dict[str, Tokenizer], dict[str, 
                 raise FileNotFoundError(f"tokenizers.{modality}={ref}: no tokenizer artifact; with several processes, "
                                         f"train stage 1 as its own command first: `lit-vqdiff train stage1 modality={modality} ...`")
             print(f"no {modality} tokenizer at {ref}: training stage 1 ({modality}) first")
-            passthrough = [f"modality={modality}", f"run.root={cfg.run.root}", f"run.seed={cfg.run.seed}"]
-            passthrough += [f"trainer.{k}={cfg.trainer[k]}" for k in HARDWARE_KEYS]
-            passthrough += [f"logger.{k}={v}" for k, v in cfg.logger.items() if v is not None]
-            passthrough += [f"data.{k}={v}" for k, v in cfg.data.items() if k in ("root", "train", "val", "num_workers")]
-            artifact = train_stage1(stage_config_for("stage1", passthrough)) / "tokenizer.pt"
+            artifact = train_stage1(stage_config_for("stage1", stage1_overrides(cfg, modality))) / "tokenizer.pt"
         tok, info = load_tokenizer(artifact)
         tokenizers[modality] = tok
         meta[modality] = {"spec": info["spec"], "checksum": info["checksum"], "path": info["path"],
@@ -318,7 +327,7 @@ def train_stage2(cfg: DictConfig) -> Any:
     from ..data.prepare import ensure_dataset
     from ..evaluate import evaluate_dir
     from ..sampling import sample_to_dir
-    from ..training import data_wait_fraction, fit, is_global_zero, resolve_run, write_summary
+    from ..training import fit, is_global_zero, resolve_run, run_figures, write_summary
 
     ensure_dataset(cfg.data)
     tokenizers, meta = ensure_tokenizers(cfg)
@@ -332,9 +341,7 @@ def train_stage2(cfg: DictConfig) -> Any:
         return run_dir
     runs.update_latest(cfg.run.root, "latest-stage2", run_dir)
     module.eval()  # the EMA weights: the averaging callback copied them in at the end of fit
-    summary: dict[str, Any] = {"stage": "stage2", "task": cfg.task, "global_step": trainer.global_step,
-                               "train_seconds": round(module.train_seconds, 1),
-                               "data_wait_fraction": data_wait_fraction(trainer)}
+    summary: dict[str, Any] = {"stage": "stage2", "task": cfg.task, **run_figures(trainer, module)}
     if cfg.sampling.n > 0:
         out = run_dir / "samples"
         summary["sampling"] = sample_to_dir(module, cfg.sampling.n, out, seed=cfg.run.seed)
