@@ -170,6 +170,26 @@ def data_wait_fraction(trainer: L.Trainer) -> float | None:
     return None
 
 
+def run_figures(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+    """Speed and memory of a finished fit, for its summary.json.
+
+    ``steps_per_s`` is global steps over the whole fit's wall time (validation included),
+    what a researcher plans a budget with; ``peak_gpu_memory_gib`` is this process's peak
+    of allocated GPU memory, present only when the run trained on a GPU.
+    """
+    seconds = float(module.train_seconds)
+    figures: dict[str, Any] = {
+        "global_step": trainer.global_step,
+        "train_seconds": round(seconds, 1),
+        "steps_per_s": round(trainer.global_step / seconds, 2) if seconds > 0 else None,
+        "data_wait_fraction": data_wait_fraction(trainer),
+    }
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        figures["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return figures
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """Final figures of a run as JSON beside its config (rank 0)."""
     if is_global_zero():

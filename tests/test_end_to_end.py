@@ -31,12 +31,15 @@ def test_tokenizer_generator_sample_eval(shapes_root: Path, tmp_path: Path, caps
     summary1 = json.loads((stage1 / "summary.json").read_text())
     assert summary1["global_step"] == 30 and "val/psnr" in summary1
     assert 0.0 <= summary1["data_wait_fraction"] < 1.0
+    assert 30 / summary1["steps_per_s"] == pytest.approx(summary1["train_seconds"], abs=0.06)  # rounded to 0.1 s
+    assert "peak_gpu_memory_gib" not in summary1  # trained on the CPU
 
     assert main(["train", "stage2", *tiny_stage2(shapes_root, runs)]) == 0
     stage2 = runs / "latest-stage2"
     summary2 = json.loads((stage2 / "summary.json").read_text())
     assert summary2["task"] == "text->image" and summary2["global_step"] == 30
     assert 0.0 <= summary2["data_wait_fraction"] < 1.0
+    assert 30 / summary2["steps_per_s"] == pytest.approx(summary2["train_seconds"], abs=0.06)  # rounded to 0.1 s
     assert summary2["eval"]["tasks"]["text->image"]["n"] == 8
     assert (stage2 / "samples" / "manifest.jsonl").is_file()
     capsys.readouterr()

@@ -171,7 +171,7 @@ def train_stage1(cfg: DictConfig) -> Path:
     """Fit a tokenizer, export its artifact and point runs/latest-stage1[-audio] at it."""
     from ..data.datamodule import ShardDataModule
     from ..data.prepare import ensure_dataset
-    from ..training import data_wait_fraction, fit, is_global_zero, resolve_run, write_summary
+    from ..training import fit, is_global_zero, resolve_run, run_figures, write_summary
 
     ensure_dataset(cfg.data)
     run_dir, resume = resolve_run(cfg)
@@ -183,9 +183,7 @@ def train_stage1(cfg: DictConfig) -> Path:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     export(cfg, module, datamodule, run_dir, metrics)
     link = runs.update_latest(cfg.run.root, runs.latest_link_name("stage1", cfg.modality), run_dir)
-    write_summary(run_dir, {"stage": "stage1", "modality": cfg.modality, "global_step": trainer.global_step,
-                            "train_seconds": round(module.train_seconds, 1),
-                            "data_wait_fraction": data_wait_fraction(trainer), **metrics})
+    write_summary(run_dir, {"stage": "stage1", "modality": cfg.modality, **run_figures(trainer, module), **metrics})
     print(f"stage 1 ({cfg.modality}) done in {module.train_seconds / 60:.1f} min: {run_dir} ({link.name})")
     for key in sorted(metrics):
         print(f"  {key} = {metrics[key]:.4f}")
