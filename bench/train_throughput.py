@@ -7,6 +7,11 @@ length x width per token for attention (forward and backward); for stage 1 (conv
 are counted by torch's FLOP counter over one forward and backward.
 
     .venv/bin/python bench/train_throughput.py [--presets default,DiT-B] [--compile off,on]
+
+With ``--device cuda`` it measures instead the DiT paper's setting on a GPU: class-conditional
+Gaussian diffusion on 32x32x4 latents with patch 2 (256 tokens, learned sigma), bf16 autocast,
+for DiT-B/2 and DiT-XL/2, with steps/s, MFU against the bf16 matmul rate measured in the same
+process, and peak GPU memory; results go to ``train_throughput_gpu.json``.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_vqdiff.config import load_config
+from lit_vqdiff.diffusion.gaussian import GaussianDiffusion
 from lit_vqdiff.diffusion.masked import MaskedDiffusion
-from lit_vqdiff.nn.conditions import ByteTextEncoder
+from lit_vqdiff.nn.conditions import ByteTextEncoder, Condition
+from lit_vqdiff.nn.dit import DiT, build_dit, trunk_size
 from lit_vqdiff.text import encode_text
-from lit_vqdiff.nn.dit import DiT, trunk_size
 from lit_vqdiff.nn.tokenizer import Tokenizer
 
 
@@ -34,20 +40,22 @@ def matmul_params(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def dit_flops_per_sample(dit: DiT, text: ByteTextEncoder) -> float:
-    """6N per token over the trunk and the condition encoder, plus attention terms."""
+def dit_flops_per_sample(dit: DiT, text: ByteTextEncoder | None) -> float:
+    """6N per token over the trunk and the condition encoder (if any), plus attention terms."""
     trunk_tokens = math.prod(dit.grid)
-    context = text.max_bytes // text.patch
+    context = text.max_bytes // text.patch if text is not None else 0
     width, depth = dit.pos_embed.shape[-1], len(dit.blocks)
     # Per-sample (not per-token) linears: adaLN modulation and the time embedding.
     per_sample = sum(matmul_params(b.modulation) for b in dit.blocks) + matmul_params(dit.final.modulation)
     per_sample += matmul_params(dit.time_embed) + (matmul_params(dit.pooled_embed) if dit.pooled_embed else 0)
     cross_kv = sum(b.cross_attn.kv.weight.numel() for b in dit.blocks if b.cross_attn is not None)
     trunk = matmul_params(dit) - per_sample - cross_kv
-    flops = 6 * (trunk * trunk_tokens + cross_kv * context + per_sample + matmul_params(text) * context)
+    flops = 6 * (trunk * trunk_tokens + cross_kv * context + per_sample)
     flops += 12 * depth * trunk_tokens * width * trunk_tokens  # self-attention scores and values
-    flops += 12 * depth * context * width * trunk_tokens  # cross-attention
-    flops += 12 * len(text.blocks) * context * width * context
+    if text is not None:
+        flops += 6 * matmul_params(text) * context
+        flops += 12 * depth * context * width * trunk_tokens  # cross-attention
+        flops += 12 * len(text.blocks) * context * width * context
     return float(flops)
 
 
@@ -85,6 +93,48 @@ def stage2_step(preset: str, batch: int, precision: str, compiled: bool) -> dict
             "params": sum(q.numel() for q in params)}
 
 
+def latent_step(preset: str, batch: int, compiled: bool, device: torch.device) -> dict[str, Any]:
+    """One bf16 training step of a class-conditional latent DiT at 256 px (the DiT paper's setting)."""
+    with device:
+        dit = build_dit(preset, input="latent", seq_shape=(32, 32), in_channels=4, num_classes=1000, learn_sigma=True)
+    diffusion = GaussianDiffusion(1000, "linear", "eps", learn_sigma=True)
+    model = torch.compile(dit) if compiled else dit
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, fused=True)
+    x0 = torch.randn(batch, 4, 32, 32, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = diffusion.loss(model, x0, Condition(labels=labels))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, repeats=10 if on_gpu else 1, warmup=3 if on_gpu else 1, sync=on_gpu)
+    flops = dit_flops_per_sample(dit, None) * batch
+    return {"preset": preset, "batch": batch, "tokens_per_sample": math.prod(dit.grid), "precision": "bf16-mixed",
+            "compile": compiled, "step_s": round(seconds, 4), "steps_per_s": round(1 / seconds, 2),
+            "samples_per_s": round(batch / seconds, 1), "model_flops_per_step": flops, "achieved_flops": flops / seconds,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+            "params": sum(q.numel() for q in dit.parameters())}
+
+
+def gpu_main(presets: list[str], batches: list[int], compile_modes: list[str]) -> None:
+    """The GPU measurements, written after each one so that a run cut short keeps what it had."""
+    peak = matmul_flops(torch.bfloat16, size=8192, device="cuda", repeats=10)
+    results: dict[str, Any] = {"matmul_flops": {"bf16": peak}, "stage2_latent": []}
+    for compiled in compile_modes:
+        for preset, batch in zip(presets, batches):
+            r = latent_step(preset, batch, compiled == "on", torch.device("cuda"))
+            r["mfu"] = round(r["achieved_flops"] / peak, 3)
+            results["stage2_latent"].append(r)
+            write_result("train_throughput_gpu", results)
+            torch.cuda.empty_cache()
+
+
 def stage1_step(batch: int, channels_last: bool) -> dict[str, Any]:
     """One default stage-1 (image tokenizer) training step, FLOPs counted by torch."""
     cfg = load_config("stage1")
@@ -119,7 +169,13 @@ def main() -> None:
     parser.add_argument("--presets", default="default,DiT-B")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--compile", default="off,on", help="eager (off) and/or torch.compile (on)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--gpu-presets", default="DiT-B/2,DiT-XL/2")
+    parser.add_argument("--gpu-batches", default="256,128", help="per preset of --gpu-presets")
     args = parser.parse_args()
+    if args.device == "cuda":
+        gpu_main(args.gpu_presets.split(","), [int(b) for b in args.gpu_batches.split(",")], args.compile.split(","))
+        return
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
     results: dict[str, Any] = {"matmul_flops": peak, "stage2": [], "stage1": []}
     for preset in args.presets.split(","):
