@@ -236,6 +236,9 @@ class TokenizerRefs:
     train_if_missing: bool = True
     cache: bool = True  # train from the token cache (built once per tokenizer checksum)
     cache_dir: str = ""  # "" = <data.root>/tokens/<modalities>-<digest of the tokenizers' checksums>
+    # Extra overrides for the stage-1 run that trains a missing tokenizer, on top of the data,
+    # hardware and logger settings it shares with stage 2: e.g. [trainer.max_steps=1000]
+    stage1_args: list[str] = field(default_factory=list)
 
 
 @dataclass

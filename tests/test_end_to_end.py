@@ -12,6 +12,7 @@ from PIL import Image
 
 from lit_vqdiff.artifact import load_tokenizer, read_artifact
 from lit_vqdiff.cli import main
+from lit_vqdiff.config import load_saved
 from lit_vqdiff.data import shapes
 
 MANIFEST_KEYS = {"id", "task", "condition", "attributes", "output"}
@@ -90,3 +91,20 @@ def test_sample_without_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pyte
     code = main(["sample", "--n", "2", "--out", str(tmp_path / "o"), "--ckpt", str(tmp_path / "nothing")])
     assert code == 1
     assert "no stage-2 checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage2_trains_its_missing_tokenizer_first_with_the_same_data(shapes_root: Path, tmp_path: Path):
+    runs = tmp_path / "runs"
+    stage1_args = "[tokenizer.channels=32,tokenizer.num_res_blocks=1,tokenizer.quantizer.codebook_size=64," \
+                  "trainer.max_steps=20,trainer.val_every_steps=20,data.batch_size=16,data.val_batch_size=64]"
+    assert main(["train", "stage2", *tiny_stage2(shapes_root, runs, "tokenizers.train_if_missing=true",
+                                                 f"tokenizers.stage1_args={stage1_args}")]) == 0
+    stage1 = runs / "latest-stage1"
+    assert (stage1 / "tokenizer.pt").is_file()
+    cfg = load_saved(stage1 / "config.yaml")
+    assert (cfg.data.root, cfg.data.train, cfg.data.num_workers) == (str(shapes_root), "", 0)
+    assert (cfg.logger.kind, cfg.trainer.threads, cfg.tokenizer.channels, cfg.trainer.max_steps) == ("csv", 1, 32, 20)
+    summary = json.loads((runs / "latest-stage2" / "summary.json").read_text())
+    assert summary["global_step"] == 30
+    assert summary["eval"]["tasks"]["text->image"]["n"] == 8

@@ -234,13 +234,13 @@ def _multi_process(cfg: DictConfig) -> bool:
 
 def stage1_overrides(cfg: DictConfig, modality: str) -> list[str]:
     """What a stage-2 run hands to the stage-1 run it starts for a missing tokenizer: the
-    same data, hardware, logger, run folder root and seed."""
+    same data, hardware, logger, run folder root and seed, then ``tokenizers.stage1_args``."""
     # modality=... picks a preset file (conf/modality/), so it stays a plain word.
     passthrough = [f"modality={modality}", override("run.root", cfg.run.root), override("run.seed", cfg.run.seed)]
     passthrough += [override(f"trainer.{k}", cfg.trainer[k]) for k in HARDWARE_KEYS]
     passthrough += [override(f"logger.{k}", v) for k, v in cfg.logger.items() if v is not None]
     passthrough += [override(f"data.{k}", v) for k, v in cfg.data.items() if k in DATA_KEYS]
-    return passthrough
+    return passthrough + list(cfg.tokenizers.stage1_args)
 
 
 def ensure_tokenizers(cfg: DictConfig) -> tuple[dict[str, Tokenizer], dict[str, dict[str, Any]]]:
