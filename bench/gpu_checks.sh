@@ -14,13 +14,13 @@
 set -u
 OUT=${OUT:-bench/results/gpu}
 PY=${PYTHON:-python3}
-RUNS=${RUNS:-/tmp/lit_vqdiff_gpu_runs}
+RUNS=${RUNS:-runs/gpu-checks}
 CHECKS=${CHECKS:-throughput train tests compiled}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # A smaller shapes-v1 render than the default 24000 samples: these runs measure speed.
 # Shards of 500 samples: exact-mode streaming needs at least one shard per loader worker.
-DATA=(data.root=/tmp/lit_vqdiff_shapes data.shapes.train_samples=8000 data.shapes.val_samples=2000
+DATA=(data.root=data/shapes-v1-gpu-checks data.shapes.train_samples=8000 data.shapes.val_samples=2000
       data.shapes.shard_size=500 data.num_workers=4)
 COMMON=(trainer=gpu logger=csv "run.root=$RUNS" trainer.max_steps=600 trainer.val_every_steps=300)
 status=0
