@@ -11,7 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from lit_vqdiff.cli import main
-from lit_vqdiff.config import CONF_DIR, ConfigError, apply_overrides, config_hash, load_config, load_saved, save_config
+from lit_vqdiff.config import (
+    CONF_DIR, ConfigError, apply_overrides, config_hash, load_config, load_saved, override, save_config,
+)
 
 
 def test_defaults_load_for_both_stages():
@@ -142,3 +144,15 @@ def test_console_script_reports_config_errors(tmp_path):
     assert "optim.lr" in result.stderr and "Traceback" not in result.stderr
     ok = subprocess.run([str(exe), "config", "stage2", "task=image->text"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "task: image->text" in ok.stdout
+
+
+
+@pytest.mark.parametrize("value", ["", "a b", "it's", "007", "true", "null", "x\\y", "${oops}", "a=b", "d/x-{0..3}.tar"])
+def test_quoted_string_overrides_parse_back_unchanged(value):
+    assert load_config("stage2", [override("data.train", value)]).data.train == value
+
+
+@pytest.mark.parametrize("value", [3, 1.5, True])
+def test_other_overrides_keep_their_type(value):
+    parsed = OmegaConf.from_dotlist([override("k", value)]).k
+    assert parsed == value and type(parsed) is type(value)
