@@ -146,7 +146,6 @@ def test_console_script_reports_config_errors(tmp_path):
     assert ok.returncode == 0 and "task: image->text" in ok.stdout
 
 
-
 @pytest.mark.parametrize("value", ["", "a b", "it's", "007", "true", "null", "x\\y", "${oops}", "a=b", "d/x-{0..3}.tar"])
 def test_quoted_string_overrides_parse_back_unchanged(value):
     assert load_config("stage2", [override("data.train", value)]).data.train == value
