@@ -223,7 +223,9 @@ class GeneratorModule(StageModule):
 
 # ---------------------------------------------------------------------- train stage2
 
-HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "threads")
+# Precision is not handed over: each stage keeps its own default (stage 1 trains in fp32,
+# the tokenizer `make train-stage1` makes and the README measures); stage1_args can set it.
+HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "threads")
 DATA_KEYS = ("name", "root", "train", "val", "num_workers")
 
 
