@@ -93,8 +93,9 @@ def stage2_step(preset: str, batch: int, precision: str, compiled: bool) -> dict
             "params": sum(q.numel() for q in params)}
 
 
-def latent_step(preset: str, batch: int, compiled: bool, device: torch.device) -> dict[str, Any]:
+def latent_step_gpu(preset: str, batch: int, compiled: bool) -> dict[str, Any]:
     """One bf16 training step of a class-conditional latent DiT at 256 px (the DiT paper's setting)."""
+    device = torch.device("cuda")
     with device:
         dit = build_dit(preset, input="latent", seq_shape=(32, 32), in_channels=4, num_classes=1000, learn_sigma=True)
     diffusion = GaussianDiffusion(1000, "linear", "eps", learn_sigma=True)
@@ -104,21 +105,19 @@ def latent_step(preset: str, batch: int, compiled: bool, device: torch.device) -
     labels = torch.randint(0, 1000, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = diffusion.loss(model, x0, Condition(labels=labels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, repeats=10 if on_gpu else 1, warmup=3 if on_gpu else 1, sync=on_gpu)
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, repeats=10, warmup=3, sync=True)
     flops = dit_flops_per_sample(dit, None) * batch
     return {"preset": preset, "batch": batch, "tokens_per_sample": math.prod(dit.grid), "precision": "bf16-mixed",
             "compile": compiled, "step_s": round(seconds, 4), "steps_per_s": round(1 / seconds, 2),
             "samples_per_s": round(batch / seconds, 1), "model_flops_per_step": flops, "achieved_flops": flops / seconds,
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "params": sum(q.numel() for q in dit.parameters())}
 
 
@@ -128,7 +127,7 @@ def gpu_main(presets: list[str], batches: list[int], compile_modes: list[str]) -
     results: dict[str, Any] = {"matmul_flops": {"bf16": peak}, "stage2_latent": []}
     for compiled in compile_modes:
         for preset, batch in zip(presets, batches):
-            r = latent_step(preset, batch, compiled == "on", torch.device("cuda"))
+            r = latent_step_gpu(preset, batch, compiled == "on")
             r["mfu"] = round(r["achieved_flops"] / peak, 3)
             results["stage2_latent"].append(r)
             write_result("train_throughput_gpu", results)
