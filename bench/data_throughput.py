@@ -19,6 +19,7 @@ from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.data.prepare import ensure_dataset
 from lit_vqdiff.perf import DataWaitTimer
+from lit_vqdiff.pipeline import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,8 +59,8 @@ def training_wait(steps: int, modality: str = "image") -> dict[str, float]:
     from lit_vqdiff.training import build_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("stage1", [f"modality={modality}", f"run.root={tmp}", "logger=none", f"trainer.max_steps={steps}",
-                                     f"trainer.val_every_steps={steps}", "trainer.limit_val_batches=1"])
+        cfg = resolve(load_config("stage1", [f"modality={modality}", f"run.root={tmp}", "logger=none", f"trainer.max_steps={steps}",
+                                             f"trainer.val_every_steps={steps}", "trainer.limit_val_batches=1"])).cfg
         ensure_dataset(cfg.data)
         timer = DataWaitTimer()
         trainer = build_trainer(cfg, Path(tmp), [timer])

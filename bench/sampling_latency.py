@@ -26,7 +26,8 @@ from lit_vqdiff.diffusion.gaussian import GaussianDiffusion
 from lit_vqdiff.diffusion.masked import MaskedDiffusion
 from lit_vqdiff.nn.conditions import ByteTextEncoder
 from lit_vqdiff.nn.dit import DiT, trunk_size
-from lit_vqdiff.text import encode_text
+from lit_vqdiff.modalities.text import BYTE_VOCAB, PAD_ID, encode_text
+from lit_vqdiff.pipeline import resolve
 
 METHODS = ("mask", "ddim_50", "ddpm_250")
 GRID = (8, 8)  # the shapes-v1 image tokenizer's code grid
@@ -40,10 +41,10 @@ def peak_rss_mb() -> float:
 
 def measure(method: str, batch: int) -> dict[str, Any]:
     """Latency and peak memory of one sampling method, in the calling process."""
-    cfg = load_config("stage2")
+    cfg = resolve(load_config("stage2")).cfg
     g, s = cfg.generator, cfg.sampling
     width, depth, heads = trunk_size(g.preset, g.width, g.depth, g.heads)
-    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.text_patch_size).eval()
+    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, vocab=BYTE_VOCAB, pad_id=PAD_ID, patch=g.text_patch_size).eval()
     common = dict(width=width, depth=depth, heads=heads, cond_dim=width, pooled_cond_dim=width, pos=g.pos,
                   seq_shape=GRID, patch_size=g.patch_size)
     tokens = encode_text(["a small red circle on the left"] * batch, cfg.data.text_bytes)[0]

@@ -1,7 +1,7 @@
 """Stage-2 training steps from the token cache against encoding with the tokenizer on the fly.
 
 Both runs use the default stage-2 config of the task and the same tokenizer; only
-``tokenizers.cache`` differs. Needs the task's tokenizers (runs/latest-stage1*).
+``tokenizers.cache`` differs. Needs the task's tokenizers (runs/latest-stage1-<modality>-shapes-v1).
 
     .venv/bin/python bench/token_cache.py [--tasks text->image,image->audio] [--steps 60]
 """
@@ -19,21 +19,24 @@ from common import write_result
 from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.data.prepare import ensure_dataset
+from lit_vqdiff.modalities import parse_task
 from lit_vqdiff.perf import DataWaitTimer
-from lit_vqdiff.stages.generator import GeneratorModule, ensure_tokenizers, prepare_token_cache
-from lit_vqdiff.tasks import stage_inputs
+from lit_vqdiff.pipeline import ensure_tokenizers, plan, prepare_token_cache
+from lit_vqdiff.stages.generator import GeneratorModule
 from lit_vqdiff.training import build_trainer
 
 
 def steps_per_second(task: str, cached: bool, steps: int, warmup: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("stage2", [f"task={task}", f"run.root={tmp}", "logger=none", f"trainer.max_steps={warmup + steps}",
-                                     f"trainer.val_every_steps={10 * (warmup + steps)}", "sampling.val_n=0",
-                                     f"tokenizers.cache={str(cached).lower()}"])
+        planned = plan(load_config("stage2", [f"task={task}", f"run.root={tmp}", "logger=none",
+                                              f"trainer.max_steps={warmup + steps}", f"trainer.val_every_steps={10 * (warmup + steps)}",
+                                              "sampling.val_n=0", f"tokenizers.cache={str(cached).lower()}"]))
+        cfg = planned.cfg
         ensure_dataset(cfg.data)
-        tokenizers, meta = ensure_tokenizers(cfg)
+        tokenizers, meta = ensure_tokenizers(planned)
         data = prepare_token_cache(cfg, tokenizers, meta) if cached else cfg.data
-        module = GeneratorModule(cfg, tokenizers, meta)
+        module = GeneratorModule(cfg, meta)
+        module.load_tokenizers(tokenizers)
         timer = DataWaitTimer()
         marks: list[float] = []
 
@@ -44,7 +47,7 @@ def steps_per_second(task: str, cached: bool, steps: int, warmup: int) -> dict[s
                 marks.append(time.perf_counter())
 
         trainer = build_trainer(cfg, Path(tmp), [timer, Mark()])
-        trainer.fit(module, datamodule=ShardDataModule(data, stage_inputs(task, cached), seed=0))
+        trainer.fit(module, datamodule=ShardDataModule(data, parse_task(task).inputs(cached), seed=0))
     timed = marks[warmup:]
     rate = (len(timed) - 1) / (timed[-1] - timed[0])
     return {"steps_per_s": round(rate, 3), "samples_per_s": round(rate * cfg.data.batch_size, 1),

@@ -29,10 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from lit_vqdiff.config import load_config
 from lit_vqdiff.diffusion.gaussian import GaussianDiffusion
 from lit_vqdiff.diffusion.masked import MaskedDiffusion
-from lit_vqdiff.nn.conditions import ByteTextEncoder, Condition
-from lit_vqdiff.nn.dit import DiT, build_dit, trunk_size
-from lit_vqdiff.text import encode_text
+from lit_vqdiff.modalities.text import BYTE_VOCAB, PAD_ID, encode_text
+from lit_vqdiff.nn.conditions import ByteTextEncoder
+from lit_vqdiff.nn.dit import Condition, DiT, build_dit, trunk_size
 from lit_vqdiff.nn.tokenizer import Tokenizer
+from lit_vqdiff.pipeline import resolve
 
 
 def matmul_params(module: nn.Module) -> int:
@@ -61,13 +62,13 @@ def dit_flops_per_sample(dit: DiT, text: ByteTextEncoder | None) -> float:
 
 def stage2_step(preset: str, batch: int, precision: str, compiled: bool) -> dict[str, Any]:
     """One stage-2 training step of the default text->image shapes at ``preset`` size."""
-    cfg = load_config("stage2")
+    cfg = resolve(load_config("stage2")).cfg
     g = cfg.generator
     width, depth, heads = trunk_size(g.preset, g.width, g.depth, g.heads) if preset == "default" else trunk_size(preset)
     vocab = load_config("stage1").tokenizer.quantizer.codebook_size
     dit = DiT(width=width, depth=depth, heads=heads, input="tokens", vocab_size=vocab, seq_shape=(8, 8),
               patch_size=g.patch_size, cond_dim=width, pooled_cond_dim=width, pos=g.pos)
-    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, patch=g.text_patch_size)
+    text = ByteTextEncoder(width, g.cond_depth, heads, cfg.data.text_bytes, vocab=BYTE_VOCAB, pad_id=PAD_ID, patch=g.text_patch_size)
     diffusion = MaskedDiffusion(vocab, schedule=g.mask_schedule)
     params = [*dit.parameters(), *text.parameters()]
     if compiled:  # what trainer.compile=true does
@@ -136,7 +137,7 @@ def gpu_main(presets: list[str], batches: list[int], compile_modes: list[str]) -
 
 def stage1_step(batch: int, channels_last: bool) -> dict[str, Any]:
     """One default stage-1 (image tokenizer) training step, FLOPs counted by torch."""
-    cfg = load_config("stage1")
+    cfg = resolve(load_config("stage1")).cfg
     tok = Tokenizer.from_config(cfg)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
     if channels_last:  # what trainer.channels_last=true (the default) does

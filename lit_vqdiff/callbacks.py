@@ -231,8 +231,8 @@ class MediaLogger(L.Callback):
     W&B gets no explicit step: its step_sync files the media under the step of the
     validation scalars just logged (Lightning logs those at global_step - 1).
 
-    A module fills ``media`` with ``{key: ("image", uint8 HxWx3)}`` or
-    ``{key: ("audio", [waves], sample_rate)}``.
+    A module fills ``media`` with ``{key: ("image", uint8 HxWx3)}``,
+    ``{key: ("audio", [waves], sample_rate)}`` or ``{key: ("text", [rows])}``.
     """
 
     def __init__(self, run_dir: Path, every: int = 1):
@@ -262,8 +262,13 @@ class MediaLogger(L.Callback):
                     media.save_wav(folder / f"step-{step:07d}-{i}.wav", wave, rate)
                 if wandb is not None:
                     wandb.log_audio(key, [np.asarray(w) for w in waves], sample_rate=[rate] * len(waves))
+            elif item[0] == "text":
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"step-{step:07d}.txt").write_text("".join(f"{row}\n" for row in item[1]), encoding="utf-8")
+                if wandb is not None:
+                    wandb.log_text(key, columns=["text"], data=[[row] for row in item[1]])
             else:
-                raise ValueError(f"media item {key!r}: unknown kind {item[0]!r}; expected 'image' or 'audio'")
+                raise ValueError(f"media item {key!r}: unknown kind {item[0]!r}; expected 'image', 'audio' or 'text'")
 
 
 class ProgressPrinter(L.Callback):

@@ -98,6 +98,9 @@ class SafeWandbLogger(WandbLogger):
     def log_audio(self, key: str, audios: list[Any], step: int | None = None, **kwargs: Any) -> None:
         self._guard("audio logging", super().log_audio, key, audios, step, **kwargs)
 
+    def log_text(self, key: str, columns: list[str] | None = None, data: list[list[Any]] | None = None, **kwargs: Any) -> None:
+        self._guard("text logging", super().log_text, key, columns, data, **kwargs)
+
     def finalize(self, status: str) -> None:
         self._guard("finish", super().finalize, status)
         self.close(0 if status == "success" else 1)

@@ -6,6 +6,7 @@ logged there too. Drawn with numpy + Pillow only (no plotting library needed).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -16,13 +17,15 @@ from PIL import Image
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8."""
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 (C = 1 or 3)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_grid(images: np.ndarray, ncols: int = 8, pad: int = 2, scale: int = 2) -> np.ndarray:
-    """Tile (N, H, W, 3) uint8 images into one picture, each scaled up ``scale`` times."""
+    """Tile (N, H, W, C) uint8 images into one RGB picture, each scaled up ``scale`` times."""
+    if images.ndim == 3 or images.shape[-1] == 1:  # grey pictures are shown as grey RGB
+        images = np.repeat(images.reshape(*images.shape[:3], 1), 3, axis=-1)
     n, h, w, c = images.shape
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -59,8 +62,9 @@ def histogram_image(counts: Sequence[float] | np.ndarray, height: int = 128) -> 
 
 
 def save_png(path: Path, image: np.ndarray) -> Path:
+    """An (H, W), (H, W, 1) or (H, W, 3) uint8 picture as a PNG file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(path)
     return path
 
 
@@ -68,3 +72,18 @@ def save_wav(path: Path, wave: np.ndarray, sample_rate: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, np.clip(np.asarray(wave, dtype=np.float32), -1, 1), sample_rate, subtype="PCM_16")
     return path
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG bytes of an (H, W, 3), (H, W, 1) or (H, W) uint8 array."""
+    buf = io.BytesIO()
+    picture = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    Image.fromarray(np.ascontiguousarray(picture)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def encode_wav(wave: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit PCM WAV bytes of a mono float waveform in [-1, 1]."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    return buf.getvalue()

@@ -1,11 +1,23 @@
 """Run folders: runs/<stage>-<timestamp>/ with config, checkpoints and media, plus
-`runs/latest-*` links so that the next stage, `sample` and `eval` find them by default."""
+`runs/latest-*` links so that the next stage, `sample` and `eval` find them by default.
+
+Every process of a multi-process launch must agree on its run folder without talking:
+the one rank 0 made (Lightning re-launches ranks with an environment variable naming it),
+the one ``run.dir`` names, or one named after the cluster's job id.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from .config import save_config
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -13,11 +25,21 @@ LAST_CKPT = "last.ckpt"
 TOKENIZER_ARTIFACT = "tokenizer.pt"
 
 
+SUMMARY_FILE = "summary.json"
+RUN_DIR_ENV = "LIT_VQDIFF_RUN_DIR_{}"
+
+
 def latest_link_name(stage: str, modality: str | None = None) -> str:
-    """`latest-stage1` (images), `latest-stage1-audio`, `latest-stage2`."""
+    """`latest-stage1` (images), `latest-stage1-audio`, `latest-stage2`: the latest run of any data set."""
     if stage == "stage1" and modality and modality != "image":
         return f"latest-stage1-{modality}"
     return f"latest-{stage}"
+
+
+def tokenizer_link_name(modality: str, dataset: str) -> str:
+    """`latest-stage1-image-fashion-mnist`: the latest tokenizer of one modality trained on one data set."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", dataset).strip("-") or "data"
+    return f"latest-stage1-{modality}-{slug}"
 
 
 def new_run_dir(root: Path | str, stage: str, modality: str | None = None) -> Path:
@@ -58,3 +80,52 @@ def checkpoint_path(run_dir: Path | str) -> Path:
 
 def is_run_dir(path: Path | str) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def _cluster_run_name(cfg: DictConfig) -> str | None:
+    """A run name every rank of a multi-process launch agrees on, without talking."""
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        value = os.environ.get(var)
+        if value and value != "none":
+            tag = cfg.stage if cfg.stage == "stage2" or cfg.modality == "image" else f"stage1-{cfg.modality}"
+            return f"{tag}-job{value}"
+    return None
+
+
+def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The run folder for ``cfg`` (created if new) and the checkpoint to resume, if any."""
+    env = RUN_DIR_ENV.format(cfg.stage.upper() if cfg.stage == "stage2" else f"STAGE1_{cfg.modality.upper()}")
+    joined = os.environ.get(env)
+    if joined:
+        run_dir = Path(joined)
+    elif cfg.run.dir:
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    elif (name := _cluster_run_name(cfg)) is not None:
+        run_dir = Path(cfg.run.root) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = new_run_dir(cfg.run.root, cfg.stage, cfg.get("modality"))
+    os.environ[env] = str(run_dir)
+    ckpt = checkpoint_path(run_dir)
+    previous = ckpt.with_name(ckpt.name + ".prev")
+    resume = ckpt if ckpt.exists() else (ckpt if previous.exists() else None)
+    if is_global_zero():
+        save_config(cfg, run_dir / CONFIG_FILE)
+    return run_dir, resume
+
+
+def leave_run(run_dir: Path) -> None:
+    """This process is done with ``run_dir``: a later run in it must not join that one."""
+    for key in [k for k, v in os.environ.items() if k.startswith(RUN_DIR_ENV.format("")) and v == str(run_dir)]:
+        del os.environ[key]
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Final figures of a run as JSON beside its config (rank 0)."""
+    if is_global_zero():
+        (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

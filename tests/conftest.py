@@ -16,6 +16,7 @@ from lit_vqdiff.config import DataConfig
 from lit_vqdiff.data import shapes, shards
 
 Members = dict[str, bytes]
+SHAPES_SIZES = dict(image_size=32, channels=3, sample_rate=8000, audio_samples=8000, text_bytes=48, num_classes=72)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def tiny_shards(tmp_path: Path) -> Callable[..., TinyShards]:
             samples = []
             for _ in range(size):
                 key = f"{split}-{seed:04d}-{index:07d}"
-                members = shards.shapes_members(shapes.make_sample(seed, index))
+                members = shapes.members(shapes.make_sample(seed, index))
                 samples.append((key, edit(key, members) if edit else members))
                 index += 1
             name = f"{split}-{number:06d}.tar"
@@ -75,10 +76,11 @@ def tiny_shards(tmp_path: Path) -> Callable[..., TinyShards]:
 
 @pytest.fixture
 def tiny_config() -> Callable[..., DataConfig]:
-    """Factory: a DataConfig over ``root`` with small batches, no workers, a small shuffle buffer."""
+    """Factory: a DataConfig over ``root`` with small batches, no workers, a small shuffle buffer
+    (and shapes-v1's sizes, as a run would resolve them from its description)."""
 
     def make(root: Path | str, **overrides: object) -> DataConfig:
-        base = DataConfig(root=str(root), batch_size=4, val_batch_size=4, num_workers=0, shuffle_buffer=8)
+        base = DataConfig(root=str(root), batch_size=4, val_batch_size=4, num_workers=0, shuffle_buffer=8, **SHAPES_SIZES)
         return replace(base, **overrides)
 
     return make
@@ -123,3 +125,12 @@ def tiny_stage2(root: Path, runs: Path, *extra: str) -> list[str]:
             "generator.cond_depth=1", "sampling.steps=4", "sampling.val_n=4", "sampling.n=8",
             "trainer.max_steps=30", "trainer.val_every_steps=30", "trainer.limit_val_batches=1", "logger=csv",
             "trainer.threads=1", *extra]
+
+
+def resolved(stage: str, overrides: list[str] | tuple[str, ...] = ()):
+    """A stage's config with its auto values filled from the data set's description, as a run
+    sees it (``pipeline.resolve``): for tests that build modules and data modules directly."""
+    from lit_vqdiff.config import load_config
+    from lit_vqdiff.pipeline import resolve
+
+    return resolve(load_config(stage, overrides)).cfg

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from lit_vqdiff.nn.conditions import ByteTextEncoder, ClassCondition, CodeEncoder, Condition, cat_conditions, drop_mask
+from lit_vqdiff.nn.conditions import ByteTextEncoder, ClassCondition, CodeEncoder, drop_mask
+from lit_vqdiff.nn.dit import Condition, cat_conditions
 from lit_vqdiff.nn.dit import DIT_PRESETS, DiT, build_dit, patchify, unpatchify
-from lit_vqdiff.text import PAD_ID, decode_text, encode_text
+from lit_vqdiff.modalities.text import BYTE_VOCAB, PAD_ID, decode_text, encode_text
 
 # DiT paper, Table 1 / released checkpoints (class-conditional, 256 px, latent 32x32x4).
 PAPER_PARAMS = {"DiT-S/2": 33.0e6, "DiT-B/2": 130.0e6, "DiT-L/2": 458.0e6, "DiT-XL/2": 675_129_632}
@@ -176,7 +177,7 @@ def test_encode_decode_text_round_trip_utf8():
 
 def test_text_encoder_ignores_padding_and_drop_gives_the_null_condition():
     torch.manual_seed(0)
-    encoder = ByteTextEncoder(width=32, depth=2, heads=4, max_bytes=12)
+    encoder = ByteTextEncoder(width=32, depth=2, heads=4, max_bytes=12, vocab=BYTE_VOCAB, pad_id=PAD_ID)
     tokens, mask = encode_text(["red", "blue circle"], 12)
     out = encoder(tokens)
     assert out.seq.shape == (2, 12, 32) and torch.equal(out.mask, mask)
@@ -239,7 +240,7 @@ def test_token_patches_group_codes_into_one_trunk_token(seq_shape, patch):
 
 def test_grouped_text_and_code_encoders():
     torch.manual_seed(0)
-    text = ByteTextEncoder(width=32, depth=1, heads=4, max_bytes=12, patch=4)
+    text = ByteTextEncoder(width=32, depth=1, heads=4, max_bytes=12, vocab=BYTE_VOCAB, pad_id=PAD_ID, patch=4)
     tokens, _ = encode_text(["red", "a blue ring"], 12)
     out = text(tokens)
     # "red" lies in the first group of 4 bytes; "a blue ring" (11 bytes) reaches the third
@@ -249,4 +250,4 @@ def test_grouped_text_and_code_encoders():
     grid = codes(torch.randint(0, 16, (3, 4, 4)))
     assert grid.seq.shape == (3, 4, 32) and grid.mask.all()
     with pytest.raises(ValueError, match="divisible"):
-        ByteTextEncoder(width=32, depth=1, heads=4, max_bytes=10, patch=4)
+        ByteTextEncoder(width=32, depth=1, heads=4, max_bytes=10, vocab=BYTE_VOCAB, pad_id=PAD_ID, patch=4)

@@ -15,7 +15,7 @@ from lit_vqdiff.cli import main
 from lit_vqdiff.config import load_saved
 from lit_vqdiff.data import shapes
 
-MANIFEST_KEYS = {"id", "task", "condition", "attributes", "output"}
+MANIFEST_KEYS = {"id", "task", "condition", "attributes", "reference", "source_key", "output"}
 
 
 @pytest.mark.slow
@@ -58,14 +58,16 @@ def test_tokenizer_generator_sample_eval(shapes_root: Path, tmp_path: Path, caps
         assert entry["condition"] == {"text": expected.caption}
         assert entry["attributes"] == expected.attributes.as_dict()
         assert entry["output"] == f"{i:06d}.png"
+        assert entry["reference"] == f"refs/{i:06d}.png" and entry["source_key"] == f"val-0001-{i:07d}"
         image = np.asarray(Image.open(out / entry["output"]))
         assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        assert np.array_equal(np.asarray(Image.open(out / entry["reference"])), expected.image)  # the held-out sample
 
     assert main(["eval", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     scores = report["tasks"]["text->image"]
     assert scores["n"] == 6
-    assert set(scores) == {"n", "exact_match", "shape", "color", "size", "position"}
+    assert set(scores) == {"n", "n_verified", "exact_match", "shape", "color", "size", "position"}
     assert all(0.0 <= scores[k] <= 1.0 for k in ("exact_match", "shape", "color", "size", "position"))
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lit_vqdiff.diffusion.gaussian import GaussianDiffusion, Tables
-from lit_vqdiff.nn.conditions import Condition
+from lit_vqdiff.nn.dit import Condition
 from lit_vqdiff.nn.dit import DiT, timestep_features
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_vqdiff.diffusion.masked import SCHEDULES, MaskedDiffusion, MaskSchedule, gumbel_noise
-from lit_vqdiff.nn.conditions import Condition
+from lit_vqdiff.nn.dit import Condition
 from lit_vqdiff.nn.dit import DiT
 
 VOCAB = 10

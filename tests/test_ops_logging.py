@@ -70,11 +70,11 @@ def test_offline_wandb_run_holds_sounds_and_spectrograms(shapes_root, tmp_path):
     run_dir = train_stage1(shapes_root, tmp_path / "runs", "logger=wandb", "modality=audio", "tokenizer.channels=16",
                            "trainer.max_steps=4", "trainer.val_every_steps=4", "trainer.limit_val_batches=1")
     rows = history(wandb_records(run_dir))
-    sounds = [row for row in rows if "val/sounds._type" in row]
-    assert len(sounds) == 1 and sounds[0]["val/sounds._type"] == "audio" and sounds[0]["val/sounds.count"] == 8
-    assert sounds[0]["val/sounds.sampleRates"] == [8000] * 8
-    assert steps_of(rows, "val/spectrograms._type") == steps_of(rows, "val/si_snr") == [3]
-    waves = sorted((run_dir / "media" / "val_sounds").glob("step-0000004-*.wav"))
+    sounds = [row for row in rows if "val/reconstructions._type" in row]
+    assert len(sounds) == 1 and sounds[0]["val/reconstructions._type"] == "audio" and sounds[0]["val/reconstructions.count"] == 8
+    assert sounds[0]["val/reconstructions.sampleRates"] == [8000] * 8
+    assert steps_of(rows, "val/reconstructions_spectrograms._type") == steps_of(rows, "val/si_snr") == [3]
+    waves = sorted((run_dir / "media" / "val_reconstructions").glob("step-0000004-*.wav"))
     assert len(waves) == 8  # input, reconstruction x 4
     data, rate = soundfile.read(waves[0])
     assert rate == 8000 and data.shape == (8000,)

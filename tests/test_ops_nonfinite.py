@@ -12,14 +12,15 @@ from typing import Callable
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_stage1
+from conftest import tiny_stage1, resolved
 
 from lit_vqdiff.callbacks import load_checkpoint_file
 from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.stages.base import NonFiniteLossError
 from lit_vqdiff.stages.tokenizer import TokenizerModule
-from lit_vqdiff.training import fit, resolve_run
+from lit_vqdiff.runs import resolve_run
+from lit_vqdiff.training import fit
 
 pytestmark = [
     pytest.mark.slow,
@@ -65,7 +66,7 @@ def fit_stage1(shapes_root: Path, tmp_path: Path, steps: int, recorder: WeightsB
     """A tiny stage-1 fit (a resumed one with ``resume``) with ``recorder`` watching."""
     overrides = tiny_stage1(shapes_root, tmp_path / "runs", f"trainer.max_steps={steps}", "trainer.val_every_steps=100",
                             "trainer.log_every_steps=1")
-    cfg = load_config("stage1", [f"run.dir={resume}", f"trainer.max_steps={steps}"] if resume else overrides)
+    cfg = resolved("stage1", [f"run.dir={resume}", f"trainer.max_steps={steps}"] if resume else overrides)
     run_dir, ckpt = resolve_run(cfg)
     module = TokenizerModule(cfg)
     fit(cfg, module, ShardDataModule(cfg.data, (cfg.modality,), seed=cfg.run.seed), run_dir, ckpt, callbacks=[recorder])
@@ -103,7 +104,7 @@ def test_five_nonfinite_in_a_row_stop_with_the_last_good_state(shapes_root, tmp_
     assert "optim.lr" in message  # and what to try
 
     ckpt = load_checkpoint_file(last)
-    good = TokenizerModule(load_config("stage1", tiny_stage1(shapes_root, tmp_path / "unused")))
+    good = TokenizerModule(resolved("stage1", tiny_stage1(shapes_root, tmp_path / "unused")))
     good.load_state_dict(ckpt["state_dict"])
     assert same(WeightsByStep.snapshot(good), recorder.after[5])  # after the last finite step
     assert int(ckpt["state_dict"]["skipped_nonfinite"]) == 6

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_stage1, tiny_stage2
+from conftest import tiny_stage1, tiny_stage2, resolved
 from test_ops_logging import history, wandb_records
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
@@ -21,9 +21,10 @@ from lit_vqdiff.config import CONF_DIR, ConfigError, config_hash, load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.nn.tokenizer import Tokenizer
 from lit_vqdiff.stages.generator import GeneratorModule
-from lit_vqdiff.tasks import stage_inputs
+from lit_vqdiff.modalities import parse_task
+from lit_vqdiff.runs import resolve_run
 from lit_vqdiff.stages.tokenizer import TokenizerModule
-from lit_vqdiff.training import build_trainer, fit, resolve_run
+from lit_vqdiff.training import build_trainer, fit
 
 PRESETS = {  # accelerator, devices, num_nodes, strategy, precision
     "cpu": ("cpu", 1, 1, "auto", "32-true"),
@@ -121,7 +122,7 @@ DDP = ("trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.max_steps=4",
 
 @pytest.mark.slow
 def test_two_ranks_stage1_hold_identical_weights(shapes_root, tmp_path):
-    cfg = load_config("stage1", tiny_stage1(shapes_root, tmp_path / "runs", *DDP, "logger=wandb"))
+    cfg = resolved("stage1", tiny_stage1(shapes_root, tmp_path / "runs", *DDP, "logger=wandb"))
     first, second, run_dir = two_rank_fit(cfg, TokenizerModule(cfg), (cfg.modality,), tmp_path)
     assert_ranks_agree(first, second, cfg, steps=4)
     rows = history(wandb_records(run_dir))  # one W&B run (rank 0's), with the validation in it
@@ -132,7 +133,7 @@ def test_two_ranks_stage1_hold_identical_weights(shapes_root, tmp_path):
 
 def untrained_tokenizer(shapes_root: Path) -> tuple[dict, dict]:
     """An untrained image tokenizer with made-up latent statistics: stage 2's code paths need no more."""
-    cfg = load_config("stage1", tiny_stage1(shapes_root, shapes_root / "unused", "tokenizer.channels=16"))
+    cfg = resolved("stage1", tiny_stage1(shapes_root, shapes_root / "unused", "tokenizer.channels=16"))
     tok = Tokenizer.from_config(cfg).eval()
     dim = tok.quantizer.lookup_dim
     meta = {"spec": tok.spec(), "checksum": "0" * 64, "path": "", "latent_mean": [0.0] * dim, "latent_std": [1.0] * dim}
@@ -141,11 +142,12 @@ def untrained_tokenizer(shapes_root: Path) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 def test_two_ranks_stage2_hold_identical_weights(shapes_root, tmp_path):
-    cfg = load_config("stage2", tiny_stage2(shapes_root, tmp_path / "runs", *DDP, "generator.width=32"))
+    cfg = resolved("stage2", tiny_stage2(shapes_root, tmp_path / "runs", *DDP, "generator.width=32"))
     tokenizers, meta = untrained_tokenizer(shapes_root)
-    module = GeneratorModule(cfg, tokenizers, meta)
+    module = GeneratorModule(cfg, meta)
+    module.load_tokenizers(tokenizers)
     ema = EMAWeights(decay=cfg.generator.ema_decay)
-    first, second, _ = two_rank_fit(cfg, module, stage_inputs(cfg.task, cached=False), tmp_path, callbacks=[ema])
+    first, second, _ = two_rank_fit(cfg, module, parse_task(cfg.task).inputs(cached=False), tmp_path, callbacks=[ema])
     assert_ranks_agree(first, second, cfg, steps=4)
 
 
@@ -197,7 +199,7 @@ def test_data_wait_is_the_time_blocked_on_a_loader_that_counts_it(tmp_path, monk
 
 
 def test_stream_loader_counts_the_seconds_spent_producing_batches(shapes_root):
-    dm = ShardDataModule(load_config("stage1", [f"data.root={shapes_root}", "data.num_workers=0", "data.batch_size=8"]).data,
+    dm = ShardDataModule(resolved("stage1", [f"data.root={shapes_root}", "data.num_workers=0", "data.batch_size=8"]).data,
                          ("image",))
     dm.set_epoch(0)
     loader = dm.train_dataloader()

@@ -20,7 +20,9 @@ from PIL import Image
 from lit_vqdiff.data import sources
 from lit_vqdiff.data.check import check_shards, split_member
 from lit_vqdiff.data.commands import add_shards_parser
-from lit_vqdiff.data.shards import ShardWriter, encode_png, read_sizes, write_set, write_shapes_set
+from lit_vqdiff.data.description import read_description
+from lit_vqdiff.data.shards import ShardWriter, auto_shard_size, read_sizes, write_set, write_shapes_set
+from lit_vqdiff.media import encode_png
 
 
 def run_cli(*argv: str) -> int:
@@ -81,6 +83,41 @@ def test_images_csv_to_shards(image_folder, tmp_path):
         np.testing.assert_array_equal(png_array(members["png"]), arrays[names[i]])
     assert png_array(samples["train-0000001"]["png"]).ndim == 2  # grayscale kept grayscale
     assert not list(tmp_path.glob(".out.*"))  # no staging folder left behind
+    described = read_description(out)
+    assert described["name"] == "out" and described["samples"] == 5 and described["splits"] == {"train": 5}
+    assert described["image"]["count"] == 5 and described["image"]["grey"] == 1
+    assert described["image"]["width"]["max"] == 7 and described["image"]["short_side"]["median"] == 6
+    assert described["text"]["bytes"]["max"] == len(captions[0])
+    assert described["classes"]["count"] == 8 and described["classes"]["names"][3] == "3"  # labels 3..7
+    assert described["attributes"] is None and "audio" not in described
+
+
+def test_class_names_as_labels_get_ids_in_sorted_order_and_are_described(image_folder, tmp_path):
+    folder, arrays = image_folder
+    labels = ["dog", "cat", "dog", "bird", "cat"]
+    rows = ["file,caption,label"] + [f"{n},a picture,{label}" for n, label in zip(arrays, labels)]
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "named"
+    sources.write_folder("images", folder / "captions.csv", out, name="pets")
+    ids = [int(m["cls"]) for m in read_shards(out, "train").values()]
+    assert ids == [2, 1, 2, 0, 1]  # bird, cat, dog
+    described = read_description(out)
+    assert described["name"] == "pets" and described["classes"]["names"] == ["bird", "cat", "dog"]
+
+
+def test_the_writer_picks_shard_sizes_every_rank_and_worker_can_use(tmp_path):
+    assert auto_shard_size(512) == 64 and auto_shard_size(5) == 1 and auto_shard_size(60000) == 2000
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        sf.write(tmp_path / f"s{i}.wav", rng.uniform(-0.3, 0.3, 800).astype(np.float32), 16000, subtype="PCM_16")
+        rows.append(json.dumps({"file": f"s{i}.wav", "caption": f"clip {i}"}))
+    (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
+    sizes = sources.write_folder("sounds", tmp_path / "c.jsonl", tmp_path / "out", val_fraction=0.2)
+    train = {k: v for k, v in sizes.items() if k.startswith("train")}
+    assert len(train) == 8 and sum(train.values()) == 32  # 8 shards of 4, not one of 32
+    described = read_description(tmp_path / "out")
+    assert described["audio"]["sample_rates"] == {"16000": 40} and described["audio"]["seconds"]["max"] == 0.05
 
 
 def test_images_jsonl_with_val_split_and_no_labels(image_folder, tmp_path):
@@ -102,7 +139,8 @@ def test_images_jsonl_with_val_split_and_no_labels(image_folder, tmp_path):
     "text, message",
     [
         ("file,caption,label\nim0.png,a,1\nim1.png,b,\n", "captions.csv line 3: no label"),
-        ("im0.png,a,x\n", "line 1: label 'x' is not a non-negative integer"),
+        ("im0.png,a,-3\n", "line 1: label '-3' is neither a non-negative integer nor a class name"),
+        ("file,caption,label\nim0.png,a,dog\nim1.png,b,2\n", "line 3: label 2 is a number, but other rows name their class"),
         ("missing.png,a\n", "line 1: file 'missing.png' not found"),
         ("im0.png,a,b,c\n", "line 1: 4 columns"),
     ],
@@ -178,12 +216,12 @@ def test_failed_overwrite_keeps_the_previous_set(tmp_path):
     write_shapes_set(out, 3, 1, 0, 1, 2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def fill(stage: Path) -> dict:
+    def fill(stage: Path, describer) -> dict:
         (stage / "train-000000.tar").write_bytes(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_set(out, {"source": "other"}, fill, overwrite=True)
+        write_set(out, {"source": "other"}, fill, "other", overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 

@@ -11,21 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_stage1
+from omegaconf import OmegaConf
+from conftest import resolved, tiny_stage1
 from PIL import Image
 
 from lit_vqdiff.artifact import load_tokenizer, read_artifact, save_artifact
 from lit_vqdiff.config import load_config
 from lit_vqdiff.data import shapes
 from lit_vqdiff.nn.tokenizer import Tokenizer
-from lit_vqdiff.reconstruct import reconstruct_command
+from lit_vqdiff.eval.reconstruction import reconstruct_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_tokenizer(*extra: str) -> Tokenizer:
     """An untrained image tokenizer with a 64-code codebook (8x8 codes per image)."""
-    cfg = load_config("stage1", tiny_stage1(Path("unused"), Path("unused"), "tokenizer.channels=16", *extra))
+    cfg = resolved("stage1", tiny_stage1(Path("unused"), Path("unused"), "tokenizer.channels=16", "data.image_size=32",
+                                         "data.channels=3", *extra))
     return Tokenizer.from_config(cfg).eval()
 
 
@@ -122,13 +124,20 @@ def test_pruned_artifact_reconstructs_like_the_unpruned_one(tmp_path, extra):
     torch.testing.assert_close(pruned.decode(new_codes), full.decode(codes), atol=1e-6, rtol=0)
 
 
-def test_reconstruct_falls_back_to_shapes_renders(tmp_path, capsys):
-    """An artifact without its run's data config reconstructs shapes-v1 validation renders."""
-    tokenizer = tiny_tokenizer()
-    path = write(tmp_path / "alone" / "tokenizer.pt", tokenizer, code_counts(tokenizer, shapes_images(2)))
+def test_reconstruct_reads_the_val_split_of_the_data_it_was_trained_on(tmp_path, capsys):
+    """The artifact names its training data; shapes-v1's default folder renders itself when missing."""
+    root = tmp_path / "shapes-v1"
+    cfg = resolved("stage1", tiny_stage1(root, tmp_path / "runs", "tokenizer.channels=16", "data.shapes.train_samples=8",
+                                         "data.shapes.val_samples=5", "data.shapes.shard_size=4"))
+    tokenizer = Tokenizer.from_config(cfg).eval()
+    dim = tokenizer.quantizer.lookup_dim
+    path = tmp_path / "alone" / "tokenizer.pt"
+    path.parent.mkdir()
+    save_artifact(path, tokenizer, code_counts(tokenizer, shapes_images(2)), torch.zeros(dim), torch.ones(dim), {},
+                  config=OmegaConf.to_container(cfg))
     report = reconstruct_command(n=3, out=tmp_path / "out", ckpt=str(path), modality="audio")
     assert report["n"] == 3 and report["modality"] == "image"  # the artifact's modality wins
-    assert report["inputs"] == "shapes-v1 renders (seed 1)"
+    assert report["inputs"] == f"{root} (val)" and (root / "dataset.json").is_file()
     names = [f"val-0001-{i:07d}.png" for i in range(3)]
     for folder in ("orig", "recon"):
         assert sorted(p.name for p in (tmp_path / "out" / folder).iterdir()) == names

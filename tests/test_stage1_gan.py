@@ -7,7 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_stage1
+from conftest import tiny_stage1, resolved
 
 from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
@@ -39,7 +39,7 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def test_critic_trains_only_from_its_start_step(shapes_root, tmp_path):
-    cfg = load_config("stage1", tiny_stage1(shapes_root, tmp_path / "runs", *GAN, "tokenizer.discriminator.start_step=2",
+    cfg = resolved("stage1", tiny_stage1(shapes_root, tmp_path / "runs", *GAN, "tokenizer.discriminator.start_step=2",
                                             "trainer.max_steps=4", "trainer.val_every_steps=4", "trainer.limit_val_batches=1",
                                             "trainer.log_every_steps=1", "logger=none"))
     probe = CriticSnapshots()
@@ -57,7 +57,7 @@ def test_critic_trains_only_from_its_start_step(shapes_root, tmp_path):
 
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_adversarial_terms_give_each_player_only_its_own_gradient(shapes_root, monkeypatch, modality):
-    cfg = load_config("stage1", tiny_stage1(shapes_root, shapes_root / "unused", f"modality={modality}", *GAN,
+    cfg = resolved("stage1", tiny_stage1(shapes_root, shapes_root / "unused", f"modality={modality}", *GAN,
                                             "tokenizer.discriminator.start_step=0", "tokenizer.channels=16"))
     module = TokenizerModule(cfg)
     monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)  # no Trainer to log to

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_stage1
+from conftest import tiny_stage1, resolved
 from PIL import Image
 
 from lit_vqdiff.config import load_config
@@ -24,7 +24,7 @@ def short_fit(shapes_root: Path, tmp_path: Path, *extra: str) -> tuple[Tokenizer
     """Train STEPS steps and validate once on one batch; returns the module and its val/train figures."""
     overrides = tiny_stage1(shapes_root, tmp_path / "runs", f"trainer.max_steps={STEPS}", f"trainer.val_every_steps={STEPS}",
                             "trainer.limit_val_batches=1", "trainer.log_every_steps=1", "logger=none", *extra)
-    cfg = load_config("stage1", overrides)
+    cfg = resolved("stage1", overrides)
     module = TokenizerModule(cfg)
     trainer = build_trainer(cfg, tmp_path / "run")
     trainer.fit(module, datamodule=ShardDataModule(cfg.data, (cfg.modality,), seed=0))
@@ -113,7 +113,7 @@ def test_bf16_mixed_keeps_the_codebook_float32(shapes_root, tmp_path, kind):
 
 def test_float16_autocast_keeps_the_quantizer_float32(shapes_root):
     """What 16-mixed does to a step, on CPU: the convs run in float16, the quantizer in float32."""
-    cfg = load_config("stage1", tiny_stage1(shapes_root, shapes_root / "unused"))
+    cfg = resolved("stage1", tiny_stage1(shapes_root, shapes_root / "unused"))
     tokenizer = Tokenizer.from_config(cfg).train()
     with torch.autocast("cpu", dtype=torch.float16):
         _, recon, q = tokenizer(val_inputs("image", 8))

@@ -14,7 +14,8 @@ from PIL import Image
 
 from lit_vqdiff.artifact import read_artifact
 from lit_vqdiff.cli import main
-from lit_vqdiff.data import shapes, verify
+from lit_vqdiff.data import shapes
+from lit_vqdiff.eval import shapes as verify
 
 SHORT = ("trainer.max_steps=4", "trainer.val_every_steps=4", "trainer.limit_val_batches=1")
 VAL_SAMPLES = 128  # the shapes_root fixture's val split

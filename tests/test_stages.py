@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_stage1, tiny_stage2
+from conftest import tiny_stage1, tiny_stage2, resolved
 
 from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
 from lit_vqdiff.nn.tokenizer import Tokenizer
-from lit_vqdiff.stages.generator import GeneratorModule, stage1_overrides
-from lit_vqdiff.tasks import stage_inputs
+from lit_vqdiff.eval.conditions import from_val_shards
+from lit_vqdiff.modalities import parse_task
+from lit_vqdiff.pipeline import stage1_overrides
+from lit_vqdiff.stages.generator import GeneratorModule
 from lit_vqdiff.stages.tokenizer import TokenizerModule
 from lit_vqdiff.training import build_trainer
 
@@ -35,8 +37,8 @@ def fast_dev_fit(cfg, module, modalities, run_dir: Path):
     ids=["image", "audio-spectrogram", "audio-wave"],
 )
 def test_stage1_fast_dev_run(shapes_root, tmp_path, extra, expected):
-    cfg = load_config("stage1", tiny_stage1(shapes_root, tmp_path / "runs", "trainer.fast_dev_run=true", *extra))
-    module = TokenizerModule(cfg)
+    cfg = resolved("stage1", tiny_stage1(shapes_root, tmp_path / "runs", "trainer.fast_dev_run=true", *extra))
+    module = TokenizerModule(cfg, verifier=True)
     trainer = fast_dev_fit(cfg, module, (cfg.modality,), tmp_path)
     assert trainer.global_step == 1
     metrics = trainer.callback_metrics
@@ -50,7 +52,7 @@ def random_tokenizers(modalities, root: Path) -> tuple[dict, dict]:
     """Untrained tokenizers with made-up latent statistics: enough to run stage 2's code paths."""
     tokenizers, meta = {}, {}
     for modality in modalities:
-        cfg = load_config("stage1", tiny_stage1(root, root / "unused", f"modality={modality}", "tokenizer.channels=16"))
+        cfg = resolved("stage1", tiny_stage1(root, root / "unused", f"modality={modality}", "tokenizer.channels=16"))
         tok = Tokenizer.from_config(cfg).eval()
         tokenizers[modality] = tok
         dim = tok.quantizer.lookup_dim
@@ -66,12 +68,15 @@ def random_tokenizers(modalities, root: Path) -> tuple[dict, dict]:
     ids=["text-image-mask", "class-image-gaussian", "image-text", "audio-image", "image-audio-grouped", "text-audio-gaussian-ddpm"],
 )
 def test_stage2_fast_dev_run(shapes_root, tmp_path, extra):
-    cfg = load_config("stage2", tiny_stage2(shapes_root, tmp_path / "runs", "trainer.fast_dev_run=true", *extra))
+    cfg = resolved("stage2", tiny_stage2(shapes_root, tmp_path / "runs", "trainer.fast_dev_run=true", *extra))
     needed = [m for m in cfg.task.split("->") if m in ("image", "audio")]
     tokenizers, meta = random_tokenizers(needed, shapes_root)
-    module = GeneratorModule(cfg, tokenizers, meta)
+    module = GeneratorModule(cfg, meta)
+    module.load_tokenizers(tokenizers)
+    task = parse_task(cfg.task)
+    module.validation_set = from_val_shards(cfg.data, task, cfg.sampling.val_n)
     before = {m: {k: v.clone() for k, v in tok.state_dict().items()} for m, tok in tokenizers.items()}
-    trainer = fast_dev_fit(cfg, module, stage_inputs(cfg.task, cached=False), tmp_path)
+    trainer = fast_dev_fit(cfg, module, task.inputs(cached=False), tmp_path)
     assert trainer.global_step == 1
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/loss"]))
@@ -87,8 +92,8 @@ def test_stage2_fast_dev_run(shapes_root, tmp_path, extra):
 def test_compile_switch_keeps_checkpoint_names():
     """trainer.compile wraps the conv stacks in place: a compiled module's state dict loads
     into an eager one and back, so checkpoints do not depend on the switch."""
-    eager = TokenizerModule(load_config("stage1", ["tokenizer.channels=16"]))
-    compiled = TokenizerModule(load_config("stage1", ["tokenizer.channels=16", "trainer.compile=true"]))
+    eager = TokenizerModule(resolved("stage1", ["tokenizer.channels=16"]))
+    compiled = TokenizerModule(resolved("stage1", ["tokenizer.channels=16", "trainer.compile=true"]))
     assert compiled.tokenizer.encoder._compiled_call_impl is not None
     assert eager.tokenizer.encoder._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(eager.state_dict())
@@ -97,10 +102,10 @@ def test_compile_switch_keeps_checkpoint_names():
 
 @pytest.mark.parametrize("task, trunk_tokens", [("image->text", 12), ("text->image", 16)])
 def test_text_patch_size_groups_caption_bytes_as_a_target_too(shapes_root, tmp_path, task, trunk_tokens):
-    cfg = load_config("stage2", tiny_stage2(shapes_root, tmp_path / "runs", f"task={task}", "data.text_bytes=48",
+    cfg = resolved("stage2", tiny_stage2(shapes_root, tmp_path / "runs", f"task={task}", "data.text_bytes=48",
                                             "generator.patch_size=2", "generator.text_patch_size=4"))
-    tokenizers, meta = random_tokenizers(["image"], shapes_root)
-    module = GeneratorModule(cfg, tokenizers, meta)
+    _, meta = random_tokenizers(["image"], shapes_root)
+    module = GeneratorModule(cfg, meta)
     assert math.prod(module.dit.grid) == trunk_tokens  # 48 bytes / 4, or an 8x8 code grid / 2x2
     if task == "text->image":
         assert module.cond_encoder.patch == 4
@@ -109,7 +114,7 @@ def test_text_patch_size_groups_caption_bytes_as_a_target_too(shapes_root, tmp_p
 def test_channels_last_image_tokenizer_computes_what_the_contiguous_one_does(shapes_root, tmp_path):
     modules = {}
     for flag in ("true", "false"):
-        cfg = load_config("stage1", tiny_stage1(shapes_root, tmp_path / "runs", f"trainer.channels_last={flag}"))
+        cfg = resolved("stage1", tiny_stage1(shapes_root, tmp_path / "runs", f"trainer.channels_last={flag}"))
         torch.manual_seed(0)
         modules[flag] = TokenizerModule(cfg).eval()
     fast, plain = modules["true"], modules["false"]
@@ -121,7 +126,7 @@ def test_channels_last_image_tokenizer_computes_what_the_contiguous_one_does(sha
     out_fast, out_plain = fast.tokenizer(inputs), plain.tokenizer(images)
     assert torch.allclose(out_fast[1], out_plain[1], atol=1e-5)  # the reconstructions
     # an audio tokenizer has no 2D layout to change
-    audio = TokenizerModule(load_config("stage1", tiny_stage1(shapes_root, tmp_path / "runs", "modality=audio", "tokenizer.channels=16")))
+    audio = TokenizerModule(resolved("stage1", tiny_stage1(shapes_root, tmp_path / "runs", "modality=audio", "tokenizer.channels=16")))
     assert not audio.channels_last
 
 
@@ -130,12 +135,15 @@ def test_stage2_hands_its_data_hardware_and_logger_settings_to_the_stage1_run_it
     # (an empty data.train used to arrive as null and fail the config).
     root = tmp_path / "it's a 007 dir"
     stage2 = load_config("stage2", [f"data.root={root}", "data.num_workers=0", "trainer.threads=1", "logger=csv",
-                                    f"run.root={tmp_path / 'runs'}", "run.seed=7", "task=image->audio"])
+                                    f"run.root={tmp_path / 'runs'}", "run.seed=7", "task=image->audio", "data.image_size=64",
+                                    "data.sample_rate=16000", "data.audio_samples=32000", "data.shapes.val_seed=9"])
     assert stage2.data.train == ""
     stage1 = load_config("stage1", stage1_overrides(stage2, "audio"))
     assert stage1.modality == "audio"
-    for key in ("name", "root", "train", "val", "num_workers"):
+    for key in ("name", "root", "train", "val", "num_workers", "image_size", "sample_rate", "audio_samples", "channels"):
         assert stage1.data[key] == stage2.data[key], key
+    assert (stage1.data.image_size, stage1.data.sample_rate, stage1.data.shapes.val_seed) == (64, 16000, 9)
+    assert stage1.data.batch_size != stage2.data.batch_size  # stage 1 keeps its own batch size
     for key in ("accelerator", "devices", "num_nodes", "strategy", "threads"):
         assert stage1.trainer[key] == stage2.trainer[key], key
     # ...but not stage 2's bf16: the tokenizer trains at stage 1's own precision.

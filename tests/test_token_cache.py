@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_stage1
+from conftest import tiny_stage1, resolved
 
 from lit_vqdiff.config import load_config
 from lit_vqdiff.data.datamodule import ShardDataModule
@@ -30,7 +30,7 @@ def members_of(tar_path: Path) -> dict[str, dict[str, bytes]]:
 
 @pytest.fixture
 def image_tokenizer(shapes_root: Path, tmp_path: Path) -> tuple[Tokenizer, object]:
-    cfg = load_config("stage1", tiny_stage1(shapes_root, tmp_path / "runs", "tokenizer.channels=16"))
+    cfg = resolved("stage1", tiny_stage1(shapes_root, tmp_path / "runs", "tokenizer.channels=16"))
     return Tokenizer.from_config(cfg).eval(), cfg.data
 
 

@@ -35,8 +35,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from .decode import SKIP_REASONS, DecodeSpec
-from .pipeline import Shard, ShardStream, check_enough_shards, is_url, open_url
+from ..errors import SKIP_REASONS
+from .decode import DecodeSpec
+from .stream import Shard, ShardStream, check_enough_shards, is_url, open_url
 from .shards import SIZES_FILE
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,15 @@ def shard_name(url: str) -> str:
     return os.path.basename(urlparse(path).path if is_url(path) else path)
 
 
+def beside(url: str, filename: str) -> str:
+    """Where a file beside a shard's .tar sits (sizes.json, dataset.json): a path or a URL."""
+    path = tar_path(url)
+    return urljoin(path, filename) if is_url(path) else str(Path(path).parent / filename)
+
+
 def sizes_location(url: str) -> str:
     """Where sizes.json sits for a shard: beside its .tar file."""
-    path = tar_path(url)
-    return urljoin(path, SIZES_FILE) if is_url(path) else str(Path(path).parent / SIZES_FILE)
+    return beside(url, SIZES_FILE)
 
 
 def shard_urls(spec: str, root: str, split: str) -> list[str]:
@@ -119,6 +125,9 @@ def resolve_shards(spec: str, root: str, split: str, sizes: str = "") -> list[Sh
 # ----------------------------------------------------------------------------- accounting
 
 
+TRUNCATED = "truncated_captions"  # counted like a skip reason, but the sample is used
+
+
 class DataQualityError(RuntimeError):
     """More samples were skipped than ``data.max_skip_fraction`` allows."""
 
@@ -164,6 +173,13 @@ class StreamTracker:
         """Take the bookkeeping off a batch and account for it; raises past the skip budget."""
         worker, index, skips = batch.pop("worker"), batch.pop("worker_batch"), batch.pop("skips")
         self.consumed[worker], self.next_worker = index + 1, (worker + 1) % len(self.consumed)
+        truncated = batch.pop("truncated_captions", 0)
+        if truncated:
+            self.totals[TRUNCATED] += truncated
+            if TRUNCATED not in self.warned:
+                self.warned.add(TRUNCATED)
+                log.warning("%s: %d caption(s) in this batch are longer than data.text_bytes and were cut; "
+                            "further ones are counted as data/truncated_captions", self.split, truncated)
         for reason, shard, key, detail in skips:
             self.totals[reason] += 1
             self.epoch_skips[(shard, reason)] += 1
@@ -373,6 +389,10 @@ class ShardDataModule(L.LightningDataModule):
         """Samples skipped on this rank so far, per reason (every reason, zeros included)."""
         totals = self.trackers["train"].totals + self.trackers["val"].totals
         return {reason: totals[reason] for reason in SKIP_REASONS}
+
+    def truncated_captions(self) -> int:
+        """Captions cut to data.text_bytes on this rank so far (their samples were used)."""
+        return self.trackers["train"].totals[TRUNCATED] + self.trackers["val"].totals[TRUNCATED]
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's stream position and skip counts; a collective under torch.distributed."""

@@ -1,14 +1,19 @@
 """shapes-v1: the embedded multimodal data set (image, caption, sound per sample).
 
 Every sample is a pure function of (seed, index), so shards are reproducible byte for
-byte and any generated sample can be checked analytically (see ``verify.py``).
+byte and any generated sample can be checked analytically (see ``eval/shapes.py``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..media import encode_png, encode_wav
+
+NAME = "shapes-v1"
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow")
@@ -168,3 +173,20 @@ def parse_caption(text: str) -> Attributes | None:
 
 
 _CAPTIONS = {caption_of(attributes_of(k)): attributes_of(k) for k in range(NUM_CLASSES)}
+
+
+def members(sample: Sample) -> dict[str, bytes]:
+    """The five shard members of a sample, as the spec lists them."""
+    meta = sample.attributes.as_dict() | {"seed": sample.seed, "index": sample.index}
+    return {
+        "png": encode_png(sample.image),
+        "wav": encode_wav(sample.sound, SAMPLE_RATE),
+        "txt": sample.caption.encode("utf-8"),
+        "cls": str(sample.label).encode("ascii"),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def class_names() -> list[str]:
+    """Names of the 72 classes in label order, e.g. 'large blue triangle, right'."""
+    return [f"{a.size} {a.color} {a.shape}, {a.position}" for a in map(attributes_of, range(NUM_CLASSES))]

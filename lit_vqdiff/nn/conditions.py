@@ -10,57 +10,13 @@ unconditional branch that guidance extrapolates away from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from lit_vqdiff.nn.dit import Attention, GroupEmbedding, Mlp, group_codes, sincos_positions
-from lit_vqdiff.text import BYTE_VOCAB, PAD_ID
+from .dit import Condition
+from .layers import Attention, GroupEmbedding, Mlp, group_codes, sincos_positions
 
-
-
-@dataclass
-class Condition:
-    """What DiT reads; any field may be None when the model is not configured for it."""
-
-    seq: Tensor | None = None  # (B, S, cond_dim), read by cross-attention
-    mask: Tensor | None = None  # (B, S) bool, True = a real position (None = all real)
-    pooled: Tensor | None = None  # (B, pooled_cond_dim), added to the adaLN vector
-    labels: Tensor | None = None  # (B,) long; the value num_classes is the null class
-
-
-def _cat_optional(first: Tensor | None, second: Tensor | None, name: str) -> Tensor | None:
-    """torch.cat of two batch parts, which must both be present or both be None."""
-    if (first is None) != (second is None):
-        raise ValueError(f"cannot concatenate conditions: only one of them has {name}")
-    return None if first is None else torch.cat([first, second])
-
-
-def cat_conditions(
-    first: Condition | Tensor | None, second: Condition | Tensor | None
-) -> Condition | Tensor | None:
-    """Stack two conditions along the batch (conditional then unconditional for guidance)."""
-    if isinstance(first, Tensor) or isinstance(second, Tensor):
-        return _cat_optional(first, second, "a tensor")
-    if first is None or second is None:
-        if first is not second:
-            raise ValueError("cannot concatenate a condition with None")
-        return None
-    seqs, masks = [first.seq, second.seq], [first.mask, second.mask]
-    if seqs[0] is not None and seqs[1] is not None:
-        length = max(s.shape[1] for s in seqs)
-        for i, s in enumerate(seqs):
-            mask = masks[i] if masks[i] is not None else torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
-            # Sequences of different lengths are right-padded; the padding is masked out.
-            masks[i] = nn.functional.pad(mask, (0, length - s.shape[1]), value=False)
-            seqs[i] = nn.functional.pad(s, (0, 0, 0, length - s.shape[1]))
-    return Condition(
-        seq=_cat_optional(*seqs, "seq"),
-        mask=None if seqs[0] is None else torch.cat(masks),
-        pooled=_cat_optional(first.pooled, second.pooled, "pooled"),
-        labels=_cat_optional(first.labels, second.labels, "labels"),
-    )
 
 
 def drop_mask(
@@ -124,21 +80,22 @@ class SequenceEncoder(nn.Module):
 
 
 class ByteTextEncoder(SequenceEncoder):
-    """Captions as UTF-8 bytes -> a condition sequence with learned positions.
+    """Captions as byte ids -> a condition sequence with learned positions.
 
+    ``vocab`` ids per byte position, ``pad_id`` marks the positions after the caption's end.
     With ``patch`` > 1, each run of ``patch`` bytes is one position (see GroupEmbedding):
     a shorter sequence for the encoder and for every cross-attention that reads it.
     """
 
     def __init__(
-        self, width: int, depth: int, heads: int, max_bytes: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-        patch: int = 1,
+        self, width: int, depth: int, heads: int, max_bytes: int, *, vocab: int, pad_id: int, mlp_ratio: float = 4.0,
+        dropout: float = 0.0, patch: int = 1,
     ):
         super().__init__(width, depth, heads, mlp_ratio, dropout)
         if max_bytes < 1 or patch < 1 or max_bytes % patch:
             raise ValueError(f"need max_bytes >= 1 divisible by patch >= 1, got {max_bytes!r} and {patch!r}")
-        self.max_bytes, self.patch = max_bytes, patch
-        self.byte_embed = GroupEmbedding(BYTE_VOCAB, patch, width)
+        self.max_bytes, self.patch, self.pad_id = max_bytes, patch, pad_id
+        self.byte_embed = GroupEmbedding(vocab, patch, width)
         self.pos_embed = nn.Parameter(torch.randn(1, max_bytes // patch, width) * 0.02)
 
     def forward(self, tokens: Tensor, drop: Tensor | None = None) -> Condition:
@@ -148,7 +105,7 @@ class ByteTextEncoder(SequenceEncoder):
                 f"tokens must be long of shape (B, {self.max_bytes}), got {tokens.dtype} {tuple(tokens.shape)}"
             )
         groups = tokens.view(tokens.shape[0], -1, self.patch)
-        mask = (groups != PAD_ID).any(dim=-1)  # a position is real when any of its bytes is
+        mask = (groups != self.pad_id).any(dim=-1)  # a position is real when any of its bytes is
         return self.encode(self.byte_embed(groups) + self.pos_embed, mask, drop)
 
 

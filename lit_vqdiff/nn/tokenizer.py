@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import audio
+from .. import dsp
 from .conv import Decoder, Encoder
 from .quantizers import QuantizerOutput, build_quantizer
 
@@ -29,6 +29,9 @@ SPEC_LOG_CENTER, SPEC_LOG_SCALE = -1.5, 5.5
 # Loudest normalized log magnitude a decoder output is read as (real data peaks near 1.1):
 # keeps exp() of an overshooting prediction, and its gradient, bounded.
 SPEC_MAX_FEATURE = 1.5
+# Sound code sequences are padded to a multiple of this, so that every patch size stage 2
+# may group them by (1, 2, 4, 8) divides their length.
+CODE_MULTIPLE = 8
 ARCH_KEYS = ("channels", "channel_mult", "num_res_blocks", "z_channels", "downsample", "attention", "patch", "mid",
              "n_fft", "hop", "griffin_lim_iters")
 
@@ -59,17 +62,18 @@ class Tokenizer(nn.Module):
 
     def _io_shape(self) -> tuple[int, int]:
         if self.frontend == "pixels":
-            return 2, 3
+            return 2, int(self.signal.get("channels", 3))
         if self.frontend == "wave":
             return 1, 1
         return 1, self.n_fft // 2 + 1
 
     @property
     def frames(self) -> int:
-        """Spectrogram frames fed to the encoder: STFT frames rounded up to the downsample factor."""
+        """Spectrogram frames fed to the encoder: STFT frames rounded up so that the codes
+        come in a multiple of CODE_MULTIPLE."""
         raw = 1 + self.signal["audio_samples"] // self.hop
-        factor = self.encoder.factor
-        return -(-raw // factor) * factor
+        step = self.encoder.factor * CODE_MULTIPLE
+        return -(-raw // step) * step
 
     def _latent_shape(self) -> tuple[int, ...]:
         f = self.encoder.factor
@@ -93,7 +97,7 @@ class Tokenizer(nn.Module):
             return x
         if self.frontend == "wave":
             return self._check_wave(x).unsqueeze(1)
-        spec = audio.stft_magnitude(self._check_wave(x), self.n_fft, self.hop).clamp_min(SPEC_LOG_FLOOR).log()
+        spec = dsp.stft_magnitude(self._check_wave(x), self.n_fft, self.hop).clamp_min(SPEC_LOG_FLOOR).log()
         spec = (spec - SPEC_LOG_CENTER) / SPEC_LOG_SCALE
         floor = (torch.log(torch.tensor(SPEC_LOG_FLOOR)) - SPEC_LOG_CENTER) / SPEC_LOG_SCALE
         return F.pad(spec, (0, self.frames - spec.shape[-1]), value=float(floor))
@@ -106,7 +110,7 @@ class Tokenizer(nn.Module):
             return feats.squeeze(1).clamp(-1, 1)
         length = self.signal["audio_samples"]
         raw = 1 + length // self.hop
-        wave = audio.griffin_lim(self.magnitude(feats[..., :raw]), self.n_fft, self.hop, n_iter=self.griffin_lim_iters, length=length)
+        wave = dsp.griffin_lim(self.magnitude(feats[..., :raw]), self.n_fft, self.hop, n_iter=self.griffin_lim_iters, length=length)
         return wave.clamp(-1, 1)
 
     def magnitude(self, feats: torch.Tensor) -> torch.Tensor:
@@ -185,5 +189,6 @@ class Tokenizer(nn.Module):
                 quantizer["num_quantizers"] = q["num_quantizers"]
         else:
             quantizer["levels"] = list(q["levels"])
-        signal = {"image_size": cfg.data.image_size, "audio_samples": cfg.data.audio_samples, "sample_rate": cfg.data.sample_rate}
+        signal = {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "audio_samples": cfg.data.audio_samples,
+                  "sample_rate": cfg.data.sample_rate}
         return cls(cfg.modality, t.frontend, arch, quantizer, signal)

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from ..callbacks import LastCheckpoint
+from ..config import saved_config
 from ..errors import NonFiniteLossError
 
 
@@ -19,10 +21,13 @@ class StageModule(L.LightningModule):
 
     max_nonfinite_in_row = 5
 
-    def __init__(self, cfg: DictConfig, extra_hparams: dict[str, Any] | None = None):
+    def __init__(self, config: DictConfig | dict[str, Any], extra_hparams: dict[str, Any] | None = None):
         super().__init__()
+        # A checkpoint's hyper-parameters hold the config as plain data (load_from_checkpoint).
+        cfg = config if isinstance(config, DictConfig) else saved_config(dict(config), source="checkpoint hyper-parameters")
         self.cfg = cfg
-        # Saved in every checkpoint, so `sample`/`eval` can rebuild the module from a file alone.
+        # Saved in every checkpoint, so that `Module.load_from_checkpoint(path)` and `sample`
+        # rebuild the module from a file alone: the keys are the constructor's arguments.
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True), **(extra_hparams or {})})
         self.media: dict[str, tuple] = {}
         self.nonfinite_in_row = 0
@@ -64,6 +69,7 @@ class StageModule(L.LightningModule):
         if skipped is None:
             return
         counts = {f"data/skipped_{reason}": float(n) for reason, n in skipped().items()}
+        counts["data/truncated_captions"] = float(self.trainer.datamodule.truncated_captions())
         self.log_dict(counts, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
 
     # ------------------------------------------------------------------ guards
@@ -89,8 +95,6 @@ class StageModule(L.LightningModule):
         return None
 
     def _stop_on_nonfinite(self) -> None:
-        from ..callbacks import LastCheckpoint
-
         saver = next((c for c in self.trainer.callbacks if isinstance(c, LastCheckpoint)), None)
         where = "no checkpoint callback"
         if saver is not None:

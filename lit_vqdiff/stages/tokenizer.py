@@ -1,30 +1,27 @@
-"""Stage 1: the VQ tokenizer as a LightningModule, and `train stage1`.
+"""Stage 1: the VQ tokenizer as a LightningModule.
 
 A training step reconstructs a batch through the quantizer and minimizes
 reconstruction (+ a magnitude-spectrum term for audio) + codebook/commitment (+ optional
 hinge GAN) loss. A validation epoch measures fidelity (PSNR/SSIM or SI-SNR/log-spectral
 distance), the share of reconstructions whose verifier attributes equal the input's,
 and codebook health over the whole epoch (usage, perplexity, dead codes; per codebook
-for residual VQ), all through ``reconstruct.ReconstructionMetrics``.
+for residual VQ), all through ``eval.reconstruction.ReconstructionMetrics``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.func import functional_call
 
-from .. import audio, media, runs
-from ..artifact import save_artifact
-from ..data.prepare import SHAPES
+from .. import dsp
+from ..eval.reconstruction import ReconstructionMetrics, histogram_picture
+from ..modalities import MODALITIES, DecodeSpec
 from ..nn.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from ..nn.tokenizer import Tokenizer
-from ..reconstruct import ReconstructionMetrics, histogram_picture
 from .base import StageModule
 
 MEDIA_ITEMS = 16
@@ -37,9 +34,13 @@ SPECTRAL_POWER = 0.5
 class TokenizerModule(StageModule):
     """One tokenizer (and an optional critic) for any modality, trained on reconstruction."""
 
-    def __init__(self, cfg: DictConfig):
-        super().__init__(cfg)
+    def __init__(self, config: DictConfig, verifier: bool = False):
+        """``config``: the resolved stage-1 config; ``verifier``: the data carry shapes-v1
+        attributes, so validation also reports verifier agreement."""
+        super().__init__(config, extra_hparams={"verifier": verifier})
+        cfg = self.cfg
         self.modality = cfg.modality
+        self.spec = DecodeSpec.from_config(cfg.data, (cfg.modality,))
         self.tokenizer = Tokenizer.from_config(cfg)
         if cfg.trainer.compile:
             # The conv stacks only: the quantizer's data-dependent k-means and restarts stay eager.
@@ -53,7 +54,7 @@ class TokenizerModule(StageModule):
             encoder = self.tokenizer.encoder
             self.disc = PatchDiscriminator(encoder.dims, encoder.in_channels, d.channels, d.layers)
         self.val_metrics = ReconstructionMetrics(self.modality, q.codebook_size, q.num_codebooks, cfg.data.sample_rate,
-                                                 verifier=cfg.data.name == SHAPES)
+                                                 verifier=verifier)
         self._media_batch: dict[str, torch.Tensor] | None = None
         # NHWC lets oneDNN (and cuDNN) skip layout conversions around every convolution:
         # the image tokenizer's training step measured 1.5-7% faster on the 2-core CPU.
@@ -63,7 +64,7 @@ class TokenizerModule(StageModule):
 
     def inputs(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's samples of this modality, in the tokenizer's memory layout."""
-        x = batch[self.modality]
+        x = batch[MODALITIES[self.modality].batch_key]
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------------ training
@@ -75,14 +76,14 @@ class TokenizerModule(StageModule):
         if t.stft_weight > 0 and self.tokenizer.frontend == "wave":
             # A waveform's meaning lives in its magnitude spectrum; sample-wise error alone
             # drives a compressed reconstruction toward silence.
-            loss = loss + t.stft_weight * audio.multi_resolution_stft_loss(recon.squeeze(1), target.squeeze(1))
+            loss = loss + t.stft_weight * dsp.multi_resolution_stft_loss(recon.squeeze(1), target.squeeze(1))
         elif t.stft_weight > 0 and self.tokenizer.frontend == "spectrogram":
             # Error in log magnitude weighs every bin alike, so a blurred harmonic comb costs
             # little there; spectral convergence weighs bins by their energy, which is what
             # pitch, timbre and loudness are read from. Taken on compressed magnitudes, so a
             # quiet note's weak 3rd harmonic (the triangle's mark) still counts.
             pred, true = (self.tokenizer.magnitude(f).pow(SPECTRAL_POWER) for f in (recon, target))
-            loss = loss + t.stft_weight * audio.spectral_convergence(pred, true)
+            loss = loss + t.stft_weight * dsp.spectral_convergence(pred, true)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -151,74 +152,9 @@ class TokenizerModule(StageModule):
         self.media["val/code_usage"] = ("image", histogram_picture(histogram))
         if self._media_batch is None:
             return
+        m = MODALITIES[self.modality]
         x, y = self._media_batch["input"], self._media_batch["recon"]
-        if self.modality == "image":
-            pairs = torch.stack([x, y], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
-            self.media["val/reconstructions"] = ("image", media.image_grid(media.to_uint8_images(pairs), ncols=8))
-        else:
-            rate = self.cfg.data.sample_rate
-            waves = [w.float().numpy() for pair in zip(x[:4], y[:4]) for w in pair]
-            self.media["val/sounds"] = ("audio", waves, rate)
-            spec = np.concatenate([media.spectrogram_image(w) for w in waves], axis=1)
-            self.media["val/spectrograms"] = ("image", spec)
+        pairs = torch.stack([x, y], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
+        # input, reconstruction pairs: 8 pictures' worth, or 4 sounds'
+        self.media.update(m.media(m.items(pairs), self.spec, "val/reconstructions", limit=2 * (8 if m.name == "image" else 4)))
         self._media_batch = None
-
-
-# ---------------------------------------------------------------------- train stage1
-
-
-def train_stage1(cfg: DictConfig) -> Path:
-    """Fit a tokenizer, export its artifact and point runs/latest-stage1[-audio] at it."""
-    from ..data.datamodule import ShardDataModule
-    from ..data.prepare import ensure_dataset
-    from ..training import fit, is_global_zero, resolve_run, run_figures, write_summary
-
-    ensure_dataset(cfg.data)
-    run_dir, resume = resolve_run(cfg)
-    module = TokenizerModule(cfg)
-    datamodule = ShardDataModule(cfg.data, (cfg.modality,), seed=cfg.run.seed)
-    trainer = fit(cfg, module, datamodule, run_dir, resume)
-    if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not is_global_zero():
-        return run_dir
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    export(cfg, module, datamodule, run_dir, metrics)
-    link = runs.update_latest(cfg.run.root, runs.latest_link_name("stage1", cfg.modality), run_dir)
-    write_summary(run_dir, {"stage": "stage1", "modality": cfg.modality, **run_figures(trainer, module), **metrics})
-    print(f"stage 1 ({cfg.modality}) done in {module.train_seconds / 60:.1f} min: {run_dir} ({link.name})")
-    for key in sorted(metrics):
-        print(f"  {key} = {metrics[key]:.4f}")
-    return run_dir
-
-
-@torch.no_grad()
-def export(cfg: DictConfig, module: TokenizerModule, datamodule: Any, run_dir: Path, metrics: dict[str, float]) -> str:
-    """Write <run>/tokenizer.pt: weights, code counts and latent statistics over the val split.
-
-    With ``tokenizer.prune_unused`` the codes no val sample used are dropped first; the
-    artifact then holds the old -> new ``remap`` table and counts of the new codes.
-    """
-    tokenizer = module.tokenizer.cpu().eval()
-    q = tokenizer.quantizer
-    counts = torch.zeros(q.num_codebooks, q.codebook_size, dtype=torch.long)
-    total, total_sq, n = 0.0, 0.0, 0
-    for batch in datamodule.val_dataloader():
-        x = batch[cfg.modality]
-        if "valid" in batch:
-            x = x[batch["valid"].bool()]
-        codes = tokenizer.encode(x)
-        rows = codes.reshape(1, -1) if q.num_codebooks == 1 else codes.movedim(1, 0).reshape(q.num_codebooks, -1)
-        counts += torch.stack([torch.bincount(r, minlength=q.codebook_size) for r in rows])
-        vec = tokenizer.code_vectors(codes).float()
-        dims = [0] + list(range(2, vec.dim()))
-        total = total + vec.sum(dims)
-        total_sq = total_sq + vec.pow(2).sum(dims)
-        n += vec.numel() // vec.shape[1]
-    mean = total / max(n, 1)
-    std = (total_sq / max(n, 1) - mean.pow(2)).clamp_min(1e-12).sqrt()
-    remap = None
-    if cfg.tokenizer.prune_unused:
-        remap = tokenizer.prune_codes(counts)
-        # Dropped codes were never counted, so their counts land harmlessly on index 0.
-        counts = torch.zeros(counts.shape[0], q.codebook_size, dtype=torch.long).scatter_add_(1, remap.clamp_min(0), counts)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    return save_artifact(run_dir / runs.TOKENIZER_ARTIFACT, tokenizer, counts, mean, std, metrics, remap, config)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lit_vqdiff.data import shapes as S
-from lit_vqdiff.data import verify as V
+from lit_vqdiff.eval import shapes as V
 
 SEED = 977
 CLEAN_N = 2000

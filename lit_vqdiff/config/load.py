@@ -1,291 +1,33 @@
-"""Typed configuration: dataclass schema, YAML files under conf/, and key=value overrides.
+"""Loading configs: YAML presets under conf/, key=value overrides, and the checks that need
+no data.
 
 Order of precedence (later wins): schema defaults < presets named in the stage file's
 ``defaults`` (conf/<group>/<name>.yaml) < the rest of conf/<stage>.yaml < presets picked
 on the command line as ``group=name`` (and stage 1's conf/modality/<modality>.yaml, stage
-2's conf/task/<src>-to-<tgt>.yaml) <
-``key=value`` overrides. Every error is raised before any run folder
-or file is created, and names the key and value at fault.
+2's conf/task/<src>-to-<tgt>.yaml) < ``key=value`` overrides. Every error is raised
+before any run folder or file is created, and names the key and value at fault. Checks
+that need the data set's description (sizes against the tokenizer's strides) come later,
+in ``pipeline.plan``, still before anything is written.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from ..diffusion.masked import SCHEDULES
+from ..errors import ConfigError
+from ..modalities import TASKS
+from ..nn.dit import DIT_PRESETS
+from .schema import CHOICES, GROUPS, SCHEMAS, task_preset_name
 
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the CLI prints it and exits with status 2."""
-
-
-# ----------------------------------------------------------------------------- schema
-
-
-@dataclass
-class RunConfig:
-    dir: Optional[str] = None  # an existing run folder resumes it; None starts runs/<stage>-<timestamp>
-    root: str = "runs"
-    seed: int = 0
-    name: Optional[str] = None  # display name in W&B
-
-
-@dataclass
-class ShapesConfig:
-    """How `lit-vqdiff shards write shapes` renders shapes-v1 (train and val use disjoint seeds)."""
-
-    train_samples: int = 24000
-    val_samples: int = 2000
-    train_seed: int = 0
-    val_seed: int = 1
-    shard_size: int = 2000
-
-
-@dataclass
-class DataConfig:
-    name: str = "shapes-v1"
-    root: str = "data/shapes-v1"
-    train: str = ""  # shard pattern (brace, pipe: or http(s)://) or a folder; "" = every train-*.tar under root
-    val: str = ""
-    sizes: str = ""  # sizes.json path or URL; "" = the one beside the shards
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
-    batch_size: int = 64
-    val_batch_size: int = 256
-    num_workers: int = 2
-    mode: str = "exact"  # exact | resampled
-    drop_last: bool = False  # exact mode: drop the uneven tail instead of padding it
-    batches_per_epoch: int = 0  # resampled mode: batches per rank per epoch (0 = from sizes.json)
-    shuffle_buffer: int = 2000
-    image_size: int = 32
-    sample_rate: int = 8000
-    audio_samples: int = 8000
-    text_bytes: int = 48
-    # Audio at another rate is resampled when its rate lies in [min_source_rate,
-    # max_source_rate]; outside that range, or with resample_audio=false, the sample is
-    # skipped and counted as `sample_rate`.
-    resample_audio: bool = True
-    min_source_rate: int = 4000
-    max_source_rate: int = 96000
-    max_skip_fraction: float = 0.01  # share of an epoch's samples per rank that may be skipped before the run stops
-
-
-@dataclass
-class QuantizerConfig:
-    kind: str = "vq"  # vq | rvq | fsq
-    codebook_size: int = 512
-    lookup_dim: int = 8
-    # Lookups on the unit sphere (cosine matching). For rvq the lookup input is normalized
-    # and the first codebook is cosine-matched; later codebooks quantize the residuals with
-    # plain L2 (residuals are not unit vectors, and their length is what they refine).
-    l2_normalize: bool = True
-    update: str = "ema"  # ema | grad
-    ema_decay: float = 0.99
-    commitment: float = 0.25
-    kmeans_init: bool = True
-    restart_dead: bool = True
-    dead_after: int = 50
-    num_quantizers: int = 1  # rvq only
-    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq only
-
-
-@dataclass
-class DiscriminatorConfig:
-    enabled: bool = False
-    start_step: int = 2000
-    weight: float = 0.1
-    channels: int = 64
-    layers: int = 3
-    lr: float = 2e-4
-
-
-@dataclass
-class TokenizerConfig:
-    frontend: str = "pixels"  # pixels (image) | wave | spectrogram (audio)
-    channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 2
-    downsample: Optional[list[int]] = None  # per-level strides; None = 2 per level
-    z_channels: int = 64
-    attention: bool = False
-    patch: int = 1  # >1: patch stem/head (strided conv in, sub-pixel conv out) around the conv stack
-    mid: bool = True  # the res-(attention)-res block at the lowest resolution
-    recon_loss: str = "l1"  # l1 | l2
-    # Audio magnitude-spectrum term: multi-resolution STFT loss (wave frontend), spectral
-    # convergence of linear magnitudes (spectrogram frontend); 0 = off.
-    stft_weight: float = 1.0
-    n_fft: int = 256  # spectrogram frontend
-    hop: int = 64
-    griffin_lim_iters: int = 32
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    prune_unused: bool = False
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant
-    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping (the measured defaults train without it)
-
-
-@dataclass
-class TrainerConfig:
-    accelerator: str = "cpu"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    max_steps: int = 4000
-    max_minutes: float = 0.0  # wall-clock budget; 0 = none
-    val_every_steps: int = 500
-    limit_val_batches: int = 0  # 0 = the whole validation split
-    log_every_steps: int = 25
-    checkpoint_every_minutes: float = 2.0  # refresh last.ckpt this often (<= 0: no time trigger)
-    checkpoint_every_steps: int = 0  # also refresh it every N optimizer steps (0: off)
-    fast_dev_run: bool = False
-    deterministic: bool = False
-    compile: bool = False  # torch.compile the trunks (inductor); the first steps pay for compiling
-    channels_last: bool = True  # image tokenizers in NHWC memory (faster convolutions); no effect on 1D audio
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-
-
-@dataclass
-class LoggerConfig:
-    kind: str = "wandb"  # wandb | csv | none
-    mode: str = "offline"  # offline | online | disabled (WANDB_MODE, when set, wins)
-    project: str = "lit_vqdiff"
-    entity: Optional[str] = None
-    media_every_val: int = 1  # log media every N validations
-
-
-@dataclass
-class Stage1Config:
-    stage: str = "stage1"
-    modality: str = "image"  # image | audio
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-@dataclass
-class GaussianConfig:
-    num_steps: int = 1000
-    # Cosine schedule with v-prediction: the setting measured on shapes-v1 text->image (the
-    # 8x8 latents are few and small, where the linear schedule spends most steps near noise).
-    schedule: str = "cosine"  # linear | cosine
-    prediction: str = "v"  # eps | v
-    learn_sigma: bool = False
-
-
-@dataclass
-class GeneratorConfig:
-    objective: str = "mask"  # mask | gaussian
-    preset: str = "DiT-T"
-    width: Optional[int] = None  # None = the preset's
-    depth: Optional[int] = None
-    heads: Optional[int] = None
-    patch_size: int = 1  # codes (or latent cells) per trunk token along each axis
-    pos: str = "learned"  # learned | sincos
-    cond_depth: int = 2  # layers of the condition encoder (text bytes, codes)
-    text_patch_size: int = 1  # caption bytes per position, as a condition or a target (codes use patch_size)
-    cond_dropout: float = 0.1  # classifier-free guidance: share of conditions dropped in training
-    mask_schedule: str = "cosine"
-    label_smoothing: float = 0.0
-    gaussian: GaussianConfig = field(default_factory=GaussianConfig)
-    ema_decay: float = 0.999
-
-
-@dataclass
-class SamplingConfig:
-    steps: int = 12  # mask diffusion decoding steps
-    guidance: float = 2.0
-    temperature: float = 1.0
-    # Gumbel noise on the confidences that order the unmasking (annealed to 0). text->image,
-    # 200-400 samples: 1.0 gave 0.975 and 0.9925, 0.5 gave 0.995 on both checkpoints.
-    choice_temperature: float = 0.5
-    # Text targets (image->text): a caption is one string per meaning, and bytes drawn
-    # independently at temperature 1, or committed out of reading order, misspell words
-    # whose position depends on an earlier word's length ("cenrer").
-    text_temperature: float = 0.0
-    text_order: str = "left_to_right"  # confidence | left_to_right
-    sampler: str = "ddim"  # gaussian: ddim | ddpm
-    ddim_steps: int = 50
-    ddpm_steps: int = 250  # respaced ancestral sampling (at most gaussian.num_steps)
-    n: int = 200  # samples drawn and evaluated at the end of `train stage2`
-    val_n: int = 64  # fixed conditions sampled at each validation for val/exact_match (0 = off)
-
-
-@dataclass
-class TokenizerRefs:
-    image: str = "runs/latest-stage1"
-    audio: str = "runs/latest-stage1-audio"
-    train_if_missing: bool = True
-    cache: bool = True  # train from the token cache (built once per tokenizer checksum)
-    cache_dir: str = ""  # "" = <data.root>/tokens/<modalities>-<digest of the tokenizers' checksums>
-    # Extra overrides for the stage-1 run that trains a missing tokenizer, on top of the data,
-    # hardware and logger settings it shares with stage 2: e.g. [trainer.max_steps=1000]
-    stage1_args: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Stage2Config:
-    stage: str = "stage2"
-    task: str = "text->image"
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizers: TokenizerRefs = field(default_factory=TokenizerRefs)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-SCHEMAS: dict[str, type] = {"stage1": Stage1Config, "stage2": Stage2Config}
-
-# Values with a closed set of choices; checked after merging so the error names the key.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "modality": ("image", "audio"),
-    "task": ("class->image", "text->image", "image->audio", "audio->image", "image->text", "text->audio"),
-    "data.mode": ("exact", "resampled"),
-    "tokenizer.frontend": ("pixels", "wave", "spectrogram"),
-    "tokenizer.recon_loss": ("l1", "l2"),
-    "tokenizer.quantizer.kind": ("vq", "rvq", "fsq"),
-    "tokenizer.quantizer.update": ("ema", "grad"),
-    "optim.schedule": ("cosine", "constant"),
-    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
-    "logger.kind": ("wandb", "csv", "none"),
-    "logger.mode": ("offline", "online", "disabled"),
-    "generator.objective": ("mask", "gaussian"),
-    "generator.pos": ("learned", "sincos"),
-    "generator.gaussian.schedule": ("linear", "cosine"),
-    "generator.gaussian.prediction": ("eps", "v"),
-    "sampling.sampler": ("ddim", "ddpm"),
-    "sampling.text_order": ("confidence", "left_to_right"),
-}
-
-# Config groups: `group=name` on the command line merges conf/<group>/<name>.yaml into
-# `target` ("" = the root, for presets that touch several sections).
-GROUPS: dict[str, str] = {"trainer": "trainer", "logger": "logger", "data": "data", "modality": "", "task": ""}
-
-
-def task_preset_name(task: str) -> str:
-    """conf/task/<name>.yaml for a stage-2 task: 'image->text' -> 'image-to-text'."""
-    return task.replace("->", "-to-")
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -483,17 +225,22 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every closed-choice key: the schema's, plus those whose choices live in code."""
+    return {**CHOICES, "task": TASKS, "generator.preset": tuple(DIT_PRESETS), "generator.mask_schedule": SCHEDULES}
+
+
 def validate(cfg: DictConfig) -> None:
     """Closed-choice values and cross-field rules the type system cannot express."""
-    for key, choices in CHOICES.items():
+    for key, options in choices().items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is _MISSING:
             continue
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
+        if value not in options:
+            close = difflib.get_close_matches(str(value), options, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}={value}: expected one of {list(choices)}{hint}")
-    positive = ["data.batch_size", "trainer.max_steps", "trainer.num_nodes"]
+            raise ConfigError(f"{key}={value}: expected one of {list(options)}{hint}")
+    positive = ["data.batch_size", "data.val_batch_size", "trainer.max_steps", "trainer.num_nodes"]
     for key in positive:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:
@@ -506,10 +253,67 @@ def validate(cfg: DictConfig) -> None:
                           "(trainer.accelerator=gpu); on CPU use trainer.precision=bf16-mixed or 32-true")
     if "fsdp" in cfg.trainer.strategy and cfg.trainer.accelerator == "cpu":
         raise ConfigError(f"trainer.strategy={cfg.trainer.strategy}: FSDP needs trainer.accelerator=gpu; on CPU use ddp or ddp_spawn")
-    if OmegaConf.select(cfg, "data.num_workers", default=0) < 0:
-        raise ConfigError(f"data.num_workers={cfg.data.num_workers}: must be >= 0")
-    if cfg.stage == "stage1" and cfg.tokenizer.frontend == "pixels" and cfg.modality != "image":
+    _validate_data(cfg.data)
+    if cfg.stage == "stage1":
+        _validate_tokenizer(cfg)
+    else:
+        _validate_generator(cfg)
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: {why}")
+
+
+def _validate_data(d: DictConfig) -> None:
+    for key in ("num_workers", "shuffle_buffer", "batches_per_epoch", "num_classes"):
+        _require(d[key] >= 0, f"data.{key}", d[key], "must be >= 0")
+    _require(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", d.max_skip_fraction, "must be in [0, 1]")
+    _require(d.image_size == 0 or 8 <= d.image_size <= 1024, "data.image_size", d.image_size, "must be 0 (auto) or 8..1024 pixels")
+    _require(d.channels in (0, 1, 3), "data.channels", d.channels, "must be 0 (auto), 1 (grey) or 3 (RGB)")
+    _require(d.sample_rate == 0 or 1000 <= d.sample_rate <= 192000, "data.sample_rate", d.sample_rate,
+             "must be 0 (auto) or 1000..192000 Hz")
+    _require(d.audio_samples >= 0, "data.audio_samples", d.audio_samples, "must be 0 (auto) or positive")
+    if d.sample_rate and d.audio_samples:
+        seconds = d.audio_samples / d.sample_rate
+        _require(0.1 <= seconds <= 60, "data.audio_samples", d.audio_samples,
+                 f"is {seconds:.2f} s at data.sample_rate={d.sample_rate}; clips of 0.1..60 s are supported")
+    _require(0 <= d.text_bytes <= 4096, "data.text_bytes", d.text_bytes, "must be 0 (auto) or 1..4096")
+    _require(d.min_source_rate > 0, "data.min_source_rate", d.min_source_rate, "must be positive")
+    _require(d.max_source_rate >= d.min_source_rate, "data.max_source_rate", d.max_source_rate,
+             f"is below data.min_source_rate={d.min_source_rate}")
+
+
+def _validate_tokenizer(cfg: DictConfig) -> None:
+    t = cfg.tokenizer
+    if t.frontend == "pixels" and cfg.modality != "image":
         raise ConfigError(f"tokenizer.frontend=pixels needs modality=image, got modality={cfg.modality}")
+    if t.frontend != "pixels" and cfg.modality == "image":
+        raise ConfigError(f"tokenizer.frontend={t.frontend} is for sounds; modality=image needs tokenizer.frontend=pixels")
+    _require(t.grid >= 0, "tokenizer.grid", t.grid, "must be 0 (auto) or positive")
+    _require(t.patch >= 0, "tokenizer.patch", t.patch, "must be 0 (auto) or positive")
+    _require(t.n_fft >= 0 and t.hop >= 0, "tokenizer.n_fft/hop", f"{t.n_fft}/{t.hop}", "must be 0 (auto) or positive")
+    if t.n_fft and t.hop:
+        _require(t.hop <= t.n_fft, "tokenizer.hop", t.hop, f"must not exceed tokenizer.n_fft={t.n_fft}")
+
+
+def _validate_generator(cfg: DictConfig) -> None:
+    g = cfg.generator
+    _require(g.patch_size in (1, 2, 4, 8), "generator.patch_size", g.patch_size, "must be 1, 2, 4 or 8")
+    _require(g.text_patch_size >= 1, "generator.text_patch_size", g.text_patch_size, "must be positive")
+    text_bytes = cfg.data.text_bytes
+    if text_bytes and "text" in cfg.task.split("->") and g.text_encoder == "bytes":
+        _require(text_bytes % g.text_patch_size == 0, "data.text_bytes", text_bytes,
+                 f"must be a multiple of generator.text_patch_size={g.text_patch_size}")
+    source, target = cfg.task.split("->")
+    if g.objective == "gaussian" and target not in ("image", "audio"):
+        raise ConfigError(f"generator.objective=gaussian needs an image or audio target; task={cfg.task} targets {target}")
+    if g.text_encoder == "minilm" and target == "text":
+        raise ConfigError("generator.text_encoder=minilm encodes captions as a condition; "
+                          f"task={cfg.task} generates them (use generator.text_encoder=bytes)")
+    _require(cfg.sampling.steps >= 1, "sampling.steps", cfg.sampling.steps, "must be positive")
+    _require(cfg.sampling.n >= 0 and cfg.sampling.val_n >= 0, "sampling.n/val_n", f"{cfg.sampling.n}/{cfg.sampling.val_n}",
+             "must be >= 0")
 
 
 # ----------------------------------------------------------------------------- saving

@@ -21,26 +21,26 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from . import audio, media
-from .artifact import load_tokenizer
-from .data import shapes, verify
-from .data.prepare import SHAPES, shards_present
-from .metrics import CodebookUsage
-from .nn.tokenizer import Tokenizer
+from omegaconf import OmegaConf
 
-DEFAULT_ARTIFACTS = {"image": "runs/latest-stage1", "audio": "runs/latest-stage1-audio"}
-SHAPES_VAL_SEED = 1  # shapes-v1's default validation seed (data.shapes.val_seed)
+from .. import dsp, media, runs
+from ..artifact import load_tokenizer
+from ..config import DataConfig
+from ..data.datamodule import ShardDataModule
+from ..data.description import is_shapes
+from ..data.prepare import ensure_dataset, load_description
+from ..metrics import CodebookUsage
+from ..modalities import MODALITIES, DecodeSpec
+from . import shapes as shapes_verifier
+
 BATCH = 64
 
 
 def verifier_agreement(modality: str, inputs: Tensor, recon: Tensor, sample_rate: int) -> Tensor:
     """1.0 where the verifier reads all four attributes from both and they are equal, else 0.0."""
-    if modality == "image":
-        read_in = verify.verify_images(media.to_uint8_images(inputs))
-        read_out = verify.verify_images(media.to_uint8_images(recon))
-    else:
-        read_in = verify.verify_sounds(inputs.float().cpu().numpy(), sample_rate)
-        read_out = verify.verify_sounds(recon.float().cpu().numpy(), sample_rate)
+    m = MODALITIES[modality]
+    read_in = shapes_verifier.read_items(modality, m.items(inputs), sample_rate)
+    read_out = shapes_verifier.read_items(modality, m.items(recon), sample_rate)
     # An attribute the verifier cannot read on either side is no agreement.
     agree = [a == b and None not in a.values() for a, b in zip(read_in, read_out)]
     return torch.tensor(agree, dtype=torch.float32, device=inputs.device)
@@ -74,8 +74,8 @@ class ReconstructionMetrics(nn.Module):
             self.psnr.update(recon, inputs)
             self.ssim.update(recon, inputs)
         else:
-            self.si_snr.update(audio.si_snr(recon, inputs))
-            self.lsd.update(audio.log_spectral_distance(recon, inputs))
+            self.si_snr.update(dsp.si_snr(recon, inputs))
+            self.lsd.update(dsp.log_spectral_distance(recon, inputs))
         if self.verifier:
             self.agreement.update(verifier_agreement(self.modality, inputs, recon, self.sample_rate))
 
@@ -115,64 +115,35 @@ def histogram_picture(histogram: Tensor) -> np.ndarray:
 def artifact_location(ckpt: str | None, modality: str) -> Path:
     """The artifact to use: ``ckpt`` (a tokenizer.pt or a run folder), else the latest of ``modality``."""
     if ckpt is None:
-        if modality not in DEFAULT_ARTIFACTS:
-            raise ValueError(f"--modality must be one of {sorted(DEFAULT_ARTIFACTS)}, got {modality!r}")
-        ckpt = DEFAULT_ARTIFACTS[modality]
+        if modality not in ("image", "audio"):
+            raise ValueError(f"--modality must be image or audio, got {modality!r}")
+        ckpt = str(Path("runs") / runs.latest_link_name("stage1", modality))
     path = Path(ckpt)
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {ckpt}: train one (`lit-vqdiff train stage1 modality={modality}`) or pass --ckpt")
     return path.resolve()
 
 
-def training_data(meta: dict[str, Any]) -> Any | None:
-    """The data config the tokenizer was trained with, from its artifact (None in artifacts that predate it)."""
-    from omegaconf import OmegaConf
-
-    from .config import DataConfig
-
+def training_data(meta: dict[str, Any]) -> Any:
+    """The (resolved) data config the tokenizer was trained with, from its artifact."""
     data = (meta.get("config") or {}).get("data")
-    return None if data is None else OmegaConf.merge(OmegaConf.structured(DataConfig), data)
+    if data is None:
+        raise ValueError(f"{meta['path']}: the artifact records no data config; retrain it with this version")
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), data)
 
 
-def shard_inputs(data: Any, modality: str, n: int) -> tuple[Tensor, list[str]] | None:
-    """The first n validation samples of a data set, or None when its shards are absent."""
-    from .data.datamodule import ShardDataModule  # Lightning: imported only when shards are read
-
-    if not data.val and not shards_present(Path(data.root), "val"):
-        return None
+def shard_inputs(data: Any, modality: str, n: int) -> tuple[Tensor, list[str]]:
+    """The first n validation samples of a data set (shapes-v1 renders itself if missing)."""
+    ensure_dataset(data)
     data.num_workers, data.val_batch_size = 0, min(n, 256)
     inputs, keys = [], []
     for batch in ShardDataModule(data, (modality,)).val_dataloader():
         valid = batch["valid"].tolist()
-        inputs.append(batch[modality][batch["valid"]])
+        inputs.append(batch[MODALITIES[modality].batch_key][batch["valid"]])
         keys += [key for key, ok in zip(batch["key"], valid) if ok]
         if len(keys) >= n:
             break
     return torch.cat(inputs)[:n], keys[:n]
-
-
-def rendered_inputs(tokenizer: Tokenizer, n: int, seed: int) -> tuple[Tensor, list[str]]:
-    """n shapes-v1 validation samples rendered from ``seed``, keyed as the shards key them."""
-    signal = tokenizer.signal
-    fits = (signal["image_size"] == shapes.IMAGE_SIZE if tokenizer.modality == "image"
-            else signal["audio_samples"] == shapes.NUM_SAMPLES and signal["sample_rate"] == shapes.SAMPLE_RATE)
-    if not fits:
-        raise ValueError(f"this tokenizer's inputs ({signal}) are not shapes-v1's, so shapes-v1 renders cannot stand in "
-                         "for its validation data: write that data set's shards first")
-    samples = [shapes.make_sample(seed, i) for i in range(n)]
-    if tokenizer.modality == "image":
-        x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    else:
-        x = torch.from_numpy(np.stack([s.sound for s in samples]))
-    return x, [f"val-{seed:04d}-{i:07d}" for i in range(n)]
-
-
-def write_signal(folder: Path, name: str, modality: str, signal: Tensor, sample_rate: int) -> None:
-    """One image (3, H, W) in [-1, 1] as <name>.png, or one waveform (T,) as 16-bit <name>.wav."""
-    if modality == "image":
-        media.save_png(folder / f"{name}.png", media.to_uint8_images(signal[None])[0])
-    else:
-        media.save_wav(folder / f"{name}.wav", signal.float().cpu().numpy(), sample_rate)
 
 
 @torch.no_grad()
@@ -181,37 +152,29 @@ def reconstruct_command(n: int, out: str | Path, ckpt: str | None = None, modali
 
     ``modality`` only picks the default artifact: a given ``ckpt`` brings its own. Inputs
     come from the validation split of the data set the tokenizer was trained on (the
-    config inside the artifact); when those shards are not on disk, shapes-v1 validation
-    renders stand in (for shapes-v1 the very same samples: shards render the same seed).
+    config inside the artifact).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"--n must be a positive integer, got {n!r}")
-    path = artifact_location(ckpt, modality)
-    tokenizer, meta = load_tokenizer(path)
-    modality, artifact_path = tokenizer.modality, Path(meta["path"])
+    tokenizer, meta = load_tokenizer(artifact_location(ckpt, modality))
+    modality = tokenizer.modality
+    m = MODALITIES[modality]
     data = training_data(meta)
-    found = shard_inputs(data, modality, n) if data is not None else None
-    if found is not None:
-        (inputs, keys), source = found, f"{data.root} (val)"
-    elif data is not None and data.name != SHAPES:
-        raise FileNotFoundError(f"no validation shards of {data.name} under {data.root}: write them first, or run from "
-                                "the folder the tokenizer was trained in")
-    else:
-        seed = int(data.shapes.val_seed) if data is not None else SHAPES_VAL_SEED
-        (inputs, keys), source = rendered_inputs(tokenizer, n, seed), f"shapes-v1 renders (seed {seed})"
+    inputs, keys = shard_inputs(data, modality, n)
+    description, _ = load_description(data)
     q = tokenizer.quantizer
     rate = int(tokenizer.signal["sample_rate"])
-    on_shapes = data is None or data.name == SHAPES
-    metrics = ReconstructionMetrics(modality, q.codebook_size, q.num_codebooks, rate, verifier=on_shapes)
+    metrics = ReconstructionMetrics(modality, q.codebook_size, q.num_codebooks, rate, verifier=is_shapes(description))
     out = Path(out)
+    spec = DecodeSpec.from_config(data, (modality,))
     for start in range(0, len(keys), BATCH):
         x = inputs[start : start + BATCH]
         codes = tokenizer.encode(x)
         recon = tokenizer.decode(codes)
         metrics.update(x, recon, codes)
-        for key, original, rebuilt in zip(keys[start : start + BATCH], x, recon):
-            write_signal(out / "orig", key, modality, original, rate)
-            write_signal(out / "recon", key, modality, rebuilt, rate)
+        for key, original, rebuilt in zip(keys[start : start + BATCH], m.items(x), m.items(recon)):
+            m.write(out / "orig" / key, original, spec)
+            m.write(out / "recon" / key, rebuilt, spec)
     figures, _ = metrics.compute()
-    return {"n": len(keys), "modality": modality, "artifact": str(artifact_path), "checksum": meta["checksum"],
-            "inputs": source, "out": str(out), **{k: round(float(v), 4) for k, v in figures.items()}}
+    return {"n": len(keys), "modality": modality, "artifact": meta["path"], "checksum": meta["checksum"],
+            "inputs": f"{data.root} (val)", "out": str(out), **{k: round(float(v), 4) for k, v in figures.items()}}

@@ -13,18 +13,16 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from lit_vqdiff.data import pipeline
-from lit_vqdiff.data.decode import (
-    TEXT_PAD,
-    DecodeSpec,
-    SampleError,
-    decode_audio,
-    decode_image,
-    decode_sample,
-    decode_text,
-    encode_text,
-)
-from lit_vqdiff.data.pipeline import (
+from lit_vqdiff.data import stream as pipeline
+from lit_vqdiff.data.decode import check_spec, decode_sample
+from lit_vqdiff.errors import SampleError
+from lit_vqdiff.modalities import DecodeSpec
+from lit_vqdiff.modalities.audio import decode_audio
+from lit_vqdiff.modalities.image import decode_image
+from lit_vqdiff.modalities.text import PAD_ID as TEXT_PAD
+from lit_vqdiff.modalities.text import decode_text as decode_texts
+from lit_vqdiff.modalities.text import encode_text as encode_texts
+from lit_vqdiff.data.stream import (
     Failure,
     Shard,
     ShardStream,
@@ -37,6 +35,15 @@ from lit_vqdiff.data.pipeline import (
 )
 
 SPEC = DecodeSpec(modalities=("image", "audio", "text", "class"))
+
+
+def encode_text(text: str, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = encode_texts([text], max_bytes, truncate=True)
+    return ids[0], mask[0]
+
+
+def decode_text(ids: torch.Tensor, mask: torch.Tensor | None = None) -> str:
+    return decode_texts((ids if mask is None else ids.masked_fill(~mask.bool(), TEXT_PAD))[None])[0]
 
 
 def image_bytes(pixels: np.ndarray, fmt: str) -> bytes:
@@ -154,7 +161,7 @@ def test_bad_members_raise_sample_errors_with_a_reason(members, modalities, reas
 
 def test_unknown_modality_is_rejected_by_name():
     with pytest.raises(ValueError, match="'video'"):
-        DecodeSpec(modalities=("video",))
+        check_spec(DecodeSpec(modalities=("video",)))
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio
 
-from lit_vqdiff.audio import (
+from lit_vqdiff.dsp import (
     griffin_lim,
     log_magnitude_spectrogram,
     log_spectral_distance,

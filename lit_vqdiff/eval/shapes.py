@@ -1,8 +1,8 @@
 """Analytic verifiers for shapes-v1: read (shape, color, size, position) back from a
 generated image, sound or caption, and score the readings against the conditioning.
 
-This is the platform's only judge of generation quality, so every reader uses evidence
-that survives what a tokenizer does to a sample (blur, noise, softened corners and
+It judges samples conditioned on shapes-v1 (real data gets the metrics of
+``eval/metrics.py``), so every reader uses evidence that survives what a tokenizer does to a sample (blur, noise, softened corners and
 colour shifts for images; phase changes, noise, low-pass and gain for sounds) and says
 None for an attribute it cannot read rather than guessing.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lit_vqdiff.data import shapes as S
+from ..data import shapes as S
 
 Reading = dict[str, str | None]
 
@@ -388,3 +388,14 @@ def score(
     result: dict[str, float | int] = {"n": len(expected), "exact_match": float(hits.all(axis=1).mean())}
     result.update({k: float(hits[:, j].mean()) for j, k in enumerate(S.ATTRIBUTES)})
     return result
+
+
+def read_items(modality: str, items: Sequence, sample_rate: int = S.SAMPLE_RATE) -> list[Reading]:
+    """Readings of generated items of one modality: uint8 pictures, float waveforms or captions."""
+    if modality == "image":
+        return verify_images(np.stack(items))
+    if modality == "audio":
+        return verify_sounds(np.stack(items), sample_rate)
+    if modality == "text":
+        return verify_captions(items)
+    raise ValueError(f"shapes-v1 has no {modality} reader; expected image, audio or text")

@@ -35,7 +35,8 @@ from torch.utils.data import IterableDataset
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .decode import DecodeSpec, SampleError, collate, decode_sample
+from ..errors import SampleError
+from .decode import DecodeSpec, check_spec, collate, decode_sample
 
 HTTP_TIMEOUT_S = 60
 _ORDER, _BUFFER, _DRAW = 0, 1, 2  # stream tags: independent generators from the same seed
@@ -292,6 +293,7 @@ class ShardStream(IterableDataset):
                 f"{need} needs the sample count of every shard; {len(unsized)} are not in sizes.json"
                 f" (e.g. {unsized[0]} from {shards[0].url}); write sizes.json or set data.sizes"
             )
+        check_spec(spec)
         self.shards, self.spec, self.batch_size = shards, spec, batch_size
         self.rank, self.world, self.workers, self.seed = rank, world, workers, seed
         self.mode, self.shuffle, self.shuffle_buffer, self.drop_last = mode, shuffle, shuffle_buffer, drop_last
@@ -377,6 +379,9 @@ class ShardStream(IterableDataset):
     def _batch(self, chunk: list[tuple[dict, bool, Failure | None]], worker: int, index: int) -> dict[str, Any]:
         batch = collate([sample for sample, _, _ in chunk])
         batch["valid"] = torch.tensor([valid for _, valid, _ in chunk], dtype=torch.bool)
+        # Counted where the samples enter training: padding repeats are not counted again.
+        truncated = batch.pop("text_truncated", None)
+        batch["truncated_captions"] = int((truncated & batch["valid"]).sum()) if truncated is not None else 0
         batch["worker"], batch["worker_batch"] = worker, index
         batch["skips"] = [(f.reason, f.shard, f.key, f.detail) for _, _, f in chunk if f is not None]
         return batch
