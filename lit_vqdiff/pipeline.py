@@ -36,6 +36,7 @@ from .data.tokens import build_cache, check_cache, data_fingerprint, default_cac
 from .eval.conditions import Conditions, decoded_reference, from_classes, from_inputs, from_prompts, from_val_shards
 from .eval.evaluate import MANIFEST, SAMPLES_INFO, evaluate_dir
 from .modalities import MODALITIES, parse_task
+from .modalities.text import sentence_encoder_checksum
 from .nn.tokenizer import Tokenizer
 from .stages.generator import GeneratorModule
 from .stages.tokenizer import TokenizerModule
@@ -83,7 +84,13 @@ def resolve(cfg: DictConfig) -> Plan:
     stage 1, the tokenizer's geometry); no tokenizer is looked up yet. Writes nothing."""
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(cfg, False)
-    description, where = load_description(cfg.data)
+    try:
+        description, where = load_description(cfg.data)
+    except FileNotFoundError as err:  # data.train names shards that are not there
+        raise ConfigError(str(err)) from None
+    if description is None and not cfg.data.train and not list(Path(cfg.data.root).glob("*.tar")):
+        raise ConfigError(f"data.root={cfg.data.root}: no shards there; write them first (`lit-vqdiff shards write "
+                          f"images|sounds|mnist|fashion --out {cfg.data.root}`) or set data.train/data.val")
     resolve_data(cfg.data, description, _needs(cfg), where)
     if cfg.stage == "stage1":
         resolve_tokenizer(cfg)
@@ -339,6 +346,9 @@ def prepare_token_cache(cfg: DictConfig, tokenizers: dict[str, Tokenizer], meta:
     if not tokenizers:
         return None
     checksums = {m: meta[m]["checksum"] for m in tokenizers}
+    sentence_states = parse_task(cfg.task).cached(cfg.generator).get("text") == "states"
+    if sentence_states:
+        checksums["text"] = f"minilm-{sentence_encoder_checksum()}"
     fingerprint = data_fingerprint(cfg.data)
     cache = Path(cfg.tokenizers.cache_dir) if cfg.tokenizers.cache_dir else default_cache_dir(cfg.data, checksums, fingerprint)
     if not check_cache(cache, checksums, fingerprint):
@@ -350,7 +360,8 @@ def prepare_token_cache(cfg: DictConfig, tokenizers: dict[str, Tokenizer], meta:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not check_cache(cache, checksums, fingerprint):
                     print(f"building the token cache {cache} (once for these tokenizers and data)")
-                    summary = build_cache(cfg.data, tokenizers, checksums, cache, fingerprint=fingerprint)
+                    summary = build_cache(cfg.data, tokenizers, checksums, cache, fingerprint=fingerprint,
+                                          sentence_states=sentence_states)
                     print(f"token cache: {json.dumps(summary['splits'])}")
         else:
             deadline = time.monotonic() + wait_s
@@ -394,7 +405,7 @@ def train_stage2(planned: Plan) -> Path:
     module.load_tokenizers(tokenizers)
     module.validation_set = validation_conditions(planned)
     task = parse_task(cfg.task)
-    datamodule = ShardDataModule(cached or cfg.data, task.inputs(cached is not None), seed=cfg.run.seed)
+    datamodule = ShardDataModule(cached or cfg.data, task.inputs(cached is not None, cfg.generator), seed=cfg.run.seed)
     trainer = fit(cfg, module, datamodule, run_dir, resume, callbacks=[EMAWeights(decay=cfg.generator.ema_decay)])
     if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not runs.is_global_zero():
         return run_dir

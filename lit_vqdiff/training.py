@@ -31,6 +31,7 @@ from .perf import DataWaitTimer
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
+
 DEFAULT_THREADS = torch.get_num_threads()
 
 
@@ -90,7 +91,10 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataM
     module.config_hash = config_hash(cfg)
     started = time.monotonic()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+        with warnings.catch_warnings():
+            # Logging runs on global steps across epochs: a small data set's short epochs lose nothing.
+            warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     finally:
         for logger in trainer.loggers:
             if isinstance(logger, SafeWandbLogger):

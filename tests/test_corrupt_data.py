@@ -125,3 +125,25 @@ def test_too_many_skips_stop_the_run_naming_the_worst_shard(tiny_shards, tiny_co
     with pytest.raises(DataQualityError, match=r"max_skip_fraction=0.1 allows \(2\); worst shards: train-000002.tar"):
         run_epoch(dm)
     assert 3 <= sum(dm.skipped().values()) < 5  # stopped at the first batch past the budget
+
+
+def test_long_captions_are_cut_counted_and_warned_once(tiny_shards, tiny_config, caplog):
+    long = "a caption far longer than the few bytes this run keeps of each caption"
+    data = tiny_shards(SIZES, edit=corrupt({key(i): {"txt": long.encode()} for i in (1, 7, 8)}))
+    dm = ShardDataModule(tiny_config(data.directory, text_bytes=40), ("text",))  # shapes-v1 captions fit
+    with caplog.at_level(logging.WARNING):
+        keys, valid, _ = run_epoch(dm)
+    assert len(valid) == sum(SIZES)  # cut, not skipped
+    assert dm.truncated_captions() == 3 and sum(dm.skipped().values()) == 0
+    warnings = [r.getMessage() for r in caplog.records if "longer than data.text_bytes" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_fewer_shards_than_workers_reads_with_fewer_workers(tiny_shards, tiny_config, caplog):
+    """A small set in one shard trains (with one worker per rank and a warning) instead of stopping."""
+    data = tiny_shards([10])
+    dm = ShardDataModule(tiny_config(data.directory, num_workers=2), ("image", "class"))
+    with caplog.at_level(logging.WARNING):
+        keys, valid, _ = run_epoch(dm)
+    assert sorted(valid) == sorted(keys) == sorted(data.all_keys)  # each sample once
+    assert any("reading with 1 worker(s) per rank" in r.getMessage() for r in caplog.records)

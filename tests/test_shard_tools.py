@@ -437,13 +437,42 @@ def test_check_reports_missing_shard_file_missing_sizes_and_repeated_member(tmp_
     (tmp_path / "sizes.json").unlink()
     first = tmp_path / "train-000000.tar"
     rewrite_shard(first, shard_members(first) + [("train-0000002.txt", b"twice")])  # same key, consecutive
-    problems = [str(p) for p in check_shards(str(tmp_path / "train-{000000..000002}.tar")).problems]
-    assert problems == [
+    report = check_shards(str(tmp_path / "train-{000000..000002}.tar"))
+    assert [str(p) for p in report.problems] == [
         "train-000000.tar train-0000002: member txt appears twice",
-        "train-000000.tar -: no sizes.json beside the shard",
-        "train-000001.tar -: no sizes.json beside the shard",
         "train-000002.tar -: shard file missing",
     ]
+    # Shards without sizes.json and dataset.json are not broken: a note says how to describe them.
+    assert len(report.notes) == 1 and "no sizes.json or dataset.json" in report.notes[0] and "--describe" in report.notes[0]
+
+
+def test_shards_made_with_gnu_tar_are_described_not_failed(tmp_path, capsys):
+    """A folder of jpg + txt pairs packed by GNU tar: check notes what is missing, --describe writes it."""
+    if shutil.which("tar") is None:
+        pytest.skip("needs GNU tar")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(photos / f"img{i:03d}.jpg")
+        (photos / f"img{i:03d}.txt").write_text(f"a photo number {i} of a thing")
+    shards = tmp_path / "mine"
+    shards.mkdir()
+    for name, files in (("train.tar", [f"img{i:03d}" for i in range(4)]), ("val.tar", ["img004", "img005"])):
+        members = [f"{stem}.{ext}" for stem in files for ext in ("jpg", "txt")]
+        subprocess.run(["tar", "cf", str(shards / name), "-C", str(photos), *members], check=True)
+    assert run_cli("shards", "check", str(shards), "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "note:" in out and "--describe" in out
+    assert run_cli("shards", "check", str(shards), "--no-progress", "--describe", "--name", "my-photos") == 0
+    assert read_sizes(shards) == {"train.tar": 4, "val.tar": 2}
+    described = read_description(shards)
+    assert described["name"] == "my-photos" and described["splits"] == {"train": 4, "val": 2}
+    assert described["image"]["count"] == 6 and described["image"]["short_side"]["max"] == 48
+    assert described["text"]["bytes"]["max"] == len("a photo number 5 of a thing")
+    assert "classes" not in described and described["members"] == {"jpg": 6, "txt": 6}
+    assert run_cli("shards", "check", str(shards), "--no-progress") == 0
+    assert "note:" not in capsys.readouterr().out.split("wrote")[-1]
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")

@@ -70,3 +70,21 @@ def test_stream_reads_cached_codes(shapes_root, tmp_path, image_tokenizer, tiny_
     batch = next(iter(dm.val_dataloader()))
     assert batch["image_codes"].shape == (8, 8, 8) and batch["image_codes"].dtype == torch.long
     assert batch["text"].shape == (8, 48)
+
+
+def test_cache_holds_sentence_states_equal_to_encoding_now(shapes_root, tmp_path, image_tokenizer, tiny_config):
+    """With generator.text_encoder=minilm the cache keeps each caption's token states (fp16)."""
+    from lit_vqdiff.modalities.text import encode_sentences
+
+    tokenizer, data = image_tokenizer
+    data.text_bytes = 48  # a stage-1 config leaves the caption length to stage 2
+    out = tmp_path / "cache"
+    build_cache(data, {"image": tokenizer}, {"image": "a" * 64, "text": "minilm"}, out, progress=False, sentence_states=True)
+    dm = ShardDataModule(tiny_config(out, val_batch_size=8), ("text_states", "image_codes"))
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["text_states"].shape == (8, 50, 384) and batch["text_states_mask"].dtype == torch.bool
+    source = members_of(shapes_root / "val-000000.tar")
+    captions = [source[k]["txt"].decode() for k in batch["key"]]
+    states, mask = encode_sentences(captions, DecodeSpec.from_config(data, ("text",)))
+    assert torch.equal(batch["text_states_mask"], mask[:, :50])
+    assert torch.allclose(batch["text_states"][mask], states[mask], atol=2e-3)  # float16 in the cache

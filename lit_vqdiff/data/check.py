@@ -3,7 +3,10 @@
 ``check_shards`` reads every shard of a set (a directory, or a brace pattern such as
 ``data/mnist/train-{000000..000004}.tar``) and reports, by shard and key: truncated tars,
 samples that lack an expected member, members that do not decode, keys seen twice, and
-per-shard counts that disagree with ``sizes.json``.
+per-shard counts that disagree with ``sizes.json``. Those are problems: the set fails.
+Shards made by another tool (GNU tar, webdataset's writer, img2dataset) usually come
+without ``sizes.json`` and ``dataset.json``: their absence is a note, not a problem, and
+``describe=True`` writes both from the same scan (see ``description.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import soundfile as sf
 from PIL import Image
 from tqdm import tqdm
 
-from .shards import SIZES_FILE, read_sizes
+from .description import DESCRIPTION_FILE, Describer, read_description
+from .shards import SIZES_FILE, read_sizes, update_sizes
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 SOUND_EXTS = ("wav", "flac", "ogg")
@@ -49,6 +53,8 @@ class Report:
     samples: int = 0
     members: Counter = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what is missing but not broken
+    counts: dict[str, int] = field(default_factory=dict)  # samples read per shard file name
 
     @property
     def ok(self) -> bool:
@@ -66,6 +72,7 @@ class Report:
         lines += [f"  {p}" for p in self.problems[:max_problems]]
         if len(self.problems) > max_problems:
             lines.append(f"  ... and {len(self.problems) - max_problems} more")
+        lines += [f"note:     {n}" for n in self.notes]
         lines.append("OK" if self.ok else "FAILED")
         return "\n".join(lines)
 
@@ -163,37 +170,74 @@ def infer_members(shard: Path) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def check_shards(pattern: str, expected: Sequence[str] | None = None, progress: bool = False) -> Report:
-    """Read every shard matched by ``pattern`` and collect the problems found (see the module docstring)."""
+def split_of(shard_name: str) -> str:
+    """The split a shard belongs to by its name: 'train-000001.tar' and 'train.tar' -> 'train'."""
+    return shard_name.split("-")[0].split(".")[0]
+
+
+def check_shards(pattern: str, expected: Sequence[str] | None = None, progress: bool = False,
+                 describe: bool = False, name: str | None = None) -> Report:
+    """Read every shard matched by ``pattern`` and collect the problems found (see the module
+    docstring); with ``describe``, write sizes.json and dataset.json beside the shards from
+    the same scan (``name``: the data set's name, default: the shards' folder's)."""
     shards = resolve_shards(pattern)
     existing = [s for s in shards if s.is_file()]
     if not existing:
         raise FileNotFoundError(f"no shards match {pattern!r}")
+    folders = {s.parent for s in existing}
+    if describe and len(folders) > 1:
+        raise ValueError(f"--describe writes one dataset.json beside the shards, but {pattern!r} spans "
+                         f"{len(folders)} folders; describe each folder on its own")
+    folder = existing[0].parent
     report = Report(shards, tuple(sorted(expected)) if expected else infer_members(existing[0]))
+    describer = Describer(name or folder.resolve().name) if describe else None
     first_shard: dict[str, str] = {}
     for shard in tqdm(shards, desc="checking", unit="shard", disable=not progress, leave=False):
         if not shard.is_file():
             report.problems.append(Problem(shard.name, "-", "shard file missing"))
             continue
-        count = _check_shard(shard, report, first_shard)
+        count = _check_shard(shard, report, first_shard, describer)
         report.samples += count
-        _check_count(shard, count, report)
+        report.counts[shard.name] = count
+    if describe:
+        assert describer is not None
+        update_sizes(folder, report.counts)
+        describer.write(folder)
+        report.notes.append(f"wrote {folder / SIZES_FILE} and {folder / DESCRIPTION_FILE}")
+    for shard in existing:
+        _check_count(shard, report.counts.get(shard.name, 0), report)
+    _note_missing(folders, report)
     if Path(pattern).is_dir():
         try:
             listed = read_sizes(pattern)
         except ValueError:
             listed = {}  # already reported against each shard
-        for name in sorted(set(listed) - {s.name for s in report.shards}):
-            report.problems.append(Problem(name, "-", f"listed in {SIZES_FILE} but missing"))
+        for missing in sorted(set(listed) - {s.name for s in report.shards}):
+            report.problems.append(Problem(missing, "-", f"listed in {SIZES_FILE} but missing"))
     return report
 
 
-def _check_shard(shard: Path, report: Report, first_shard: dict[str, str]) -> int:
+def _note_missing(folders: set[Path], report: Report) -> None:
+    for folder in sorted(folders):
+        missing = [f for f in (SIZES_FILE, DESCRIPTION_FILE) if not (folder / f).is_file()]
+        if missing:
+            report.notes.append(f"{folder} has no {' or '.join(missing)}: training needs them; "
+                                f"`lit-vqdiff shards check {folder} --describe` writes them from one scan")
+        else:
+            try:
+                read_description(folder)
+            except ValueError as err:
+                report.problems.append(Problem(DESCRIPTION_FILE, "-", str(err)))
+
+
+def _check_shard(shard: Path, report: Report, first_shard: dict[str, str], describer: Describer | None) -> int:
     count = 0
     try:
         for key, members, repeated in iter_samples(shard):
             count += 1
             report.members.update(members.keys())  # count member names; update(dict) would add the bytes
+            if describer is not None:
+                describer.add(members, split=split_of(shard.name))
             problems = [f"member {ext} appears twice" for ext in repeated]
             if key in first_shard:
                 problems.append(f"duplicate key (first seen in {first_shard[key]})")
@@ -209,14 +253,15 @@ def _check_shard(shard: Path, report: Report, first_shard: dict[str, str]) -> in
 
 
 def _check_count(shard: Path, count: int, report: Report) -> None:
+    """A shard's sample count against sizes.json (no sizes.json at all is only a note, see _note_missing)."""
     try:
         sizes = read_sizes(shard.parent)
     except ValueError as err:
         report.problems.append(Problem(shard.name, "-", str(err)))
         return
     if not (shard.parent / SIZES_FILE).is_file():
-        report.problems.append(Problem(shard.name, "-", f"no {SIZES_FILE} beside the shard"))
-    elif shard.name not in sizes:
+        return
+    if shard.name not in sizes:
         report.problems.append(Problem(shard.name, "-", f"not listed in {SIZES_FILE}"))
     elif sizes[shard.name] != count:
         report.problems.append(Problem(shard.name, "-", f"{SIZES_FILE} says {sizes[shard.name]} samples, the shard holds {count}"))

@@ -1,4 +1,4 @@
-"""`lit-vqdiff shards write {shapes,images,sounds,mnist,fashion}` and `lit-vqdiff shards check`.
+"""`lit-vqdiff shards write {shapes,images,sounds,mnist,fashion,speech}` and `lit-vqdiff shards check`.
 
 Every handler returns an exit code: 0 done (or already up to date), 1 a fetch failed, a
 checksum disagreed or the checker found problems, 2 a usage problem (bad option or input,
@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ConfigError, load_config
-from . import sources
+from ..debian import DebianError
+from . import sources, speech
 from .check import check_shards
 from .shards import write_shapes_set
 
-DEFAULT_SHARD_SIZE = 2000
 DEFAULT_CACHE = "data/cache"
-DEFAULT_OUT = {"images": "data/images", "sounds": "data/sounds", "mnist": "data/mnist", "fashion": "data/fashion-mnist"}
+DEFAULT_OUT = {"images": "data/images", "sounds": "data/sounds", "mnist": "data/mnist", "fashion": "data/fashion-mnist",
+               "speech": "data/speech"}
 
 
 def positive_int(text: str) -> int:
@@ -40,7 +41,7 @@ def add_shards_parser(subparsers: Any) -> argparse.ArgumentParser:
     actions = shards.add_subparsers(dest="shards_action", required=True, metavar="{write,check}")
     what = "convert a source into train/val shards with sizes.json"
     write = actions.add_parser("write", help=what, description=what[0].upper() + what[1:] + ".")
-    kinds = write.add_subparsers(dest="source", required=True, metavar="{shapes,images,sounds,mnist,fashion}")
+    kinds = write.add_subparsers(dest="source", required=True, metavar="{shapes,images,sounds,mnist,fashion,speech}")
 
     p = _write_parser(kinds, "shapes", "render shapes-v1 train and val splits (settings: the stage-1 data config)", None)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.shapes.train_samples=4000")
@@ -64,10 +65,21 @@ def add_shards_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cache", default=DEFAULT_CACHE, help="where the .deb and its unpacked files are kept (default: %(default)s)")
     p.set_defaults(func=_guarded(_write_fashion))
 
+    p = _write_parser(kinds, "speech", "synthesized English sentences spoken by espeak-ng in several voices (8 kHz)",
+                      DEFAULT_OUT["speech"])
+    p.add_argument("--train-sentences", type=positive_int, default=400, help="sentences in train (default: %(default)s)")
+    p.add_argument("--val-sentences", type=positive_int, default=50, help="held-out sentences in val (default: %(default)s)")
+    p.add_argument("--voices", default=",".join(speech.VOICES), help="espeak-ng voices, comma-separated (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sentences and their split")
+    p.set_defaults(func=_guarded(_write_speech))
+
     p = actions.add_parser("check", help="validate a shard set", description="Validate a shard set; exit 1 when it has problems.")
     p.add_argument("pattern", help="a directory of shards or a brace pattern, e.g. 'data/mnist/train-{000000..000004}.tar'")
     p.add_argument("--members", default=None, help="comma-separated members every sample needs (default: the first samples' members)")
     p.add_argument("--max-problems", type=positive_int, default=50, help="problems to list (default: %(default)s)")
+    p.add_argument("--describe", action="store_true",
+                   help="write sizes.json and dataset.json beside the shards from the same scan (for shards made by other tools)")
+    p.add_argument("--name", default=None, help="the data set's name in dataset.json (default: the shards' folder's name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_guarded(_check))
     return shards
@@ -77,9 +89,10 @@ def _write_parser(kinds: Any, name: str, help: str, default_out: str | None) -> 
     p = kinds.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
     where = f"default: {default_out}" if default_out else "default: data.root of the config"
     p.add_argument("--out", default=default_out, help=f"output folder ({where})")
-    # shapes (no default folder) takes its shard size, like its folder, from the config.
-    size = None if default_out is None else DEFAULT_SHARD_SIZE
-    p.add_argument("--shard-size", type=positive_int, default=size, help=f"samples per shard (default: {size or 'the config'})")
+    # shapes (no default folder) takes its shard size, like its folder, from the config; the
+    # others pick one per split that gives every rank and loader worker shards of its own.
+    default = "the config" if default_out is None else "at least 8 shards per split, at most 2000 samples each"
+    p.add_argument("--shard-size", type=positive_int, default=None, help=f"samples per shard (default: {default})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set written with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -91,9 +104,9 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except sources.SourceError as err:
+        except (sources.SourceError, DebianError) as err:
             return _fail(str(err), err.exit_code)
-        except (ConfigError, FileExistsError, FileNotFoundError) as err:
+        except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
             return _fail(str(err), 2)
 
     return run
@@ -142,6 +155,13 @@ def _write_fashion(args: argparse.Namespace) -> int:
     return _done(args.out, sizes)
 
 
+def _write_speech(args: argparse.Namespace) -> int:
+    voices = [v.strip() for v in args.voices.split(",") if v.strip()]
+    sizes = speech.write_speech(args.out, args.train_sentences, args.val_sentences, voices, seed=args.seed,
+                                shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress)
+    return _done(args.out, sizes)
+
+
 def split_summary(sizes: dict[str, int]) -> str:
     """'train 9000 samples in 5 shards, val 1000 samples in 1 shard' from a sizes.json mapping."""
     samples: Counter = Counter()
@@ -164,6 +184,6 @@ def _done(out: str | Path, sizes: dict[str, int] | None) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     members = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
-    report = check_shards(args.pattern, members, progress=not args.no_progress)
+    report = check_shards(args.pattern, members, progress=not args.no_progress, describe=args.describe, name=args.name)
     print(report.summary(args.max_problems))
     return 0 if report.ok else 1

@@ -37,7 +37,7 @@ from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from ..errors import SKIP_REASONS
 from .decode import DecodeSpec
-from .stream import Shard, ShardStream, check_enough_shards, is_url, open_url
+from .stream import Shard, ShardStream, is_url, open_url, usable_workers
 from .shards import SIZES_FILE
 
 log = logging.getLogger(__name__)
@@ -335,8 +335,6 @@ class ShardDataModule(L.LightningDataModule):
     def train_stream(self, rank: int, world: int, workers: int) -> ShardStream:
         cfg = self.cfg
         shards = self.shards("train")
-        if cfg.mode == "exact":
-            check_enough_shards(len(shards), world, workers)
         return ShardStream(
             shards, self.spec, batch_size=int(cfg.batch_size), rank=rank, world=world, workers=workers,
             seed=self.seed, mode=str(cfg.mode), shuffle=True, shuffle_buffer=int(cfg.shuffle_buffer),
@@ -346,19 +344,25 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StreamLoader:
         rank, world = self.rank_world()
         num_workers = int(self.cfg.num_workers)
+        shards = len(self.shards("train"))
+        if self.cfg.mode == "exact" and num_workers > 0:
+            num_workers = usable_workers(shards, world, num_workers)
         stream = self.train_stream(rank, world, max(1, num_workers))
-        if rank == 0 and not self._reported and (stream.padding or stream.dropped):
+        if rank == 0 and not self._reported:
             self._reported = True
-            change = f"{stream.padding} repeated as padding" if stream.padding else f"{stream.dropped} dropped"
-            message = "train: %d samples on %d ranks, %s: each reads %d"
-            log.warning(message, stream.total, world, change, stream.per_rank)
+            if num_workers < int(self.cfg.num_workers):
+                log.warning("train: %d shard(s) for %d rank(s) x %d workers: reading with %d worker(s) per rank; "
+                            "write smaller shards to use more", shards, world, self.cfg.num_workers, num_workers)
+            if stream.padding or stream.dropped:
+                change = f"{stream.padding} repeated as padding" if stream.padding else f"{stream.dropped} dropped"
+                log.warning("train: %d samples on %d ranks, %s: each reads %d", stream.total, world, change, stream.per_rank)
         # Not persistent: each epoch's workers must start from the stream with its new epoch.
         return StreamLoader(stream, self.trackers["train"], num_workers, persistent=False, epoch_fn=self.current_epoch)
 
     def val_dataloader(self) -> StreamLoader:
         rank, world = self.rank_world()
         shards = self.shards("val")
-        # Validation sets are small: fewer workers rather than an error when shards are few.
+        # Validation sets are small: fewer workers when shards are few.
         num_workers = min(int(self.cfg.num_workers), len(shards) // world)
         stream = ShardStream(
             shards, self.spec, batch_size=int(self.cfg.val_batch_size), rank=rank, world=world,

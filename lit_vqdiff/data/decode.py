@@ -1,8 +1,9 @@
 """Decoding one WebDataset sample (a dict of member bytes) into model-ready tensors.
 
 Each name in ``DecodeSpec.modalities`` is either a modality, decoded from its own members
-by its ``Modality`` object (see ``lit_vqdiff.modalities``), or ``<modality>_codes``: a
-token cache's ``<modality>_codes.npy`` integer array. Anything wrong with a sample raises
+by its ``Modality`` object (see ``lit_vqdiff.modalities``), or ``<modality>_<form>``: what
+a token cache keeps of it (``image_codes``: a frozen tokenizer's codes; ``text_states``: a
+pretrained text encoder's token states), decoded by the same object. Anything wrong with a sample raises
 ``SampleError`` whose ``reason`` is one of ``SKIP_REASONS``; the stream counts it instead
 of crashing.
 """
@@ -14,14 +15,12 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import SKIP_REASONS, SampleError
-from ..modalities import CODES_SUFFIX, MODALITIES, DecodeSpec
-from ..modalities.base import codes_of, first_member
+from ..modalities import MODALITIES, DecodeSpec
 
 
 def check_spec(spec: DecodeSpec) -> None:
-    """Raise unless every name in ``spec.modalities`` is a modality or a coded modality's codes."""
-    coded = [f"{name}{CODES_SUFFIX}" for name, m in MODALITIES.items() if m.coded]
-    known = [*MODALITIES, *coded]
+    """Raise unless every name in ``spec.modalities`` is a modality or a cached form of one."""
+    known = [*MODALITIES, *(f"{name}_{form}" for name, m in MODALITIES.items() for form in m.cached_forms)]
     unknown = [m for m in spec.modalities if m not in known]
     if not spec.modalities or unknown:
         raise ValueError(f"modalities must be a non-empty subset of {known}, got {spec.modalities!r}")
@@ -31,10 +30,9 @@ def decode_sample(members: Mapping[str, bytes], spec: DecodeSpec) -> dict[str, A
     """Tensors for ``spec.modalities`` from one sample's members; raises ``SampleError``."""
     out: dict[str, Any] = {}
     for name in spec.modalities:
-        if name.endswith(CODES_SUFFIX):
-            out[name] = codes_of(first_member(members, (f"{name}.npy",), name)[1])
-        else:
-            out |= MODALITIES[name].decode(members, spec)
+        base, _, form = name.partition("_")
+        modality = MODALITIES[base]
+        out |= modality.decode_cached(form, members, spec) if form else modality.decode(members, spec)
     return out
 
 

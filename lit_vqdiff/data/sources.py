@@ -28,6 +28,7 @@ import numpy as np
 import soundfile as sf
 from PIL import UnidentifiedImageError
 
+from .. import debian
 from ..media import encode_png
 from .description import Describer
 from .shards import png_of_file, wav_of_file, write_set, write_split
@@ -382,16 +383,10 @@ def fetch_fashion(
     files: dict[str, Any] = {}
     if not all((idx_dir / f"{name}.gz").is_file() for name in md5):
         debs = sorted(cache_dir.glob(f"{FASHION_PACKAGE}_*.deb"))
-        if not debs:
-            hint = f"on Debian or Ubuntu run apt-get download {FASHION_PACKAGE}, or put its .deb into {cache_dir}"
-            apt = require_tool("apt-get", hint)
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            run_tool([apt, "download", FASHION_PACKAGE], cache_dir, " (run apt-get update first; is the mirror reachable?)")
-            debs = sorted(cache_dir.glob(f"{FASHION_PACKAGE}_*.deb"))
-            if not debs:
-                raise SourceError(f"apt-get download {FASHION_PACKAGE} wrote no .deb into {cache_dir}", exit_code=1)
-        dpkg = require_tool("dpkg-deb", "install dpkg (Debian-based systems have it)")
-        run_tool([dpkg, "-x", debs[-1].resolve(), unpacked.resolve()], cache_dir)  # absolute: it runs in cache_dir
+        try:
+            debian.unpack(debs[-1] if debs else debian.download(cache_dir, FASHION_PACKAGE)[0], unpacked)
+        except debian.DebianError as err:
+            raise SourceError(str(err), err.exit_code) from None
     for deb in sorted(cache_dir.glob(f"{FASHION_PACKAGE}_*.deb"))[-1:]:
         files[deb.name] = {"sha256": sha256_of(deb)}
     arrays = {}

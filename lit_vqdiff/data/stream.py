@@ -105,13 +105,10 @@ def plan_segments(start: int, stop: int, order: list[int], sizes: list[int]) -> 
     return out
 
 
-def check_enough_shards(count: int, world: int, workers: int) -> None:
-    """Exact mode wants a shard per rank and worker, or workers would all read the same files."""
-    if count < world * workers:
-        raise ValueError(
-            f"exact mode needs at least ranks x workers shards: {count} shards for {world} ranks x {workers}"
-            " workers; write smaller shards, lower data.num_workers, or set data.mode=resampled"
-        )
+def usable_workers(shards: int, world: int, workers: int) -> int:
+    """Loader workers per rank that get shards of their own (at least 1): more workers than
+    shards per rank would all read, and skip through, the same files."""
+    return max(1, min(workers, shards // world))
 
 
 # ----------------------------------------------------------------------------- reading

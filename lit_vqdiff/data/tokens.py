@@ -1,8 +1,9 @@
 """The token cache: a shard set encoded once by frozen tokenizers, for stage 2.
 
 Each source shard becomes a token shard of the same name and sample count, holding per
-sample ``<modality>_codes.npy`` for every tokenizer plus the source's small members
-(``txt``, ``cls``, ``json``). The cache lives in ``<data.root>/tokens/<name>`` where the
+sample ``<modality>_codes.npy`` for every tokenizer (``text_states.npy``, a pretrained
+sentence encoder's token states of the caption, when stage 2 reads captions that way)
+plus the source's small members (``txt``, ``cls``, ``json``). The cache lives in ``<data.root>/tokens/<name>`` where the
 name carries a digest of the tokenizers' checksums and of the data it encoded (the
 shards, their sizes and files, the decode settings), and ``tokens.json`` records both: a
 cache made by other tokenizers, or from other data, is never used by mistake.
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import SampleError
 from ..modalities import codes_key
+from ..modalities.text import encode_sentences, text_of
 from .datamodule import resolve_shards
 from .decode import DecodeSpec, decode_sample
 from .stream import RawSample, is_url, read_shard
@@ -125,7 +127,8 @@ def batched(items: Iterable[RawSample], size: int) -> Iterable[list[RawSample]]:
 
 
 @torch.no_grad()
-def encode_shard(shard: Any, tar: tarfile.TarFile, tokenizers: dict[str, Any], spec: DecodeSpec, batch_size: int) -> tuple[int, int]:
+def encode_shard(shard: Any, tar: tarfile.TarFile, tokenizers: dict[str, Any], spec: DecodeSpec, batch_size: int,
+                 sentence_states: bool = False) -> tuple[int, int]:
     """Encode one source shard into ``tar``; returns (written, skipped)."""
     written = skipped = 0
     dtype = smallest_int_dtype(max(t.quantizer.codebook_size for t in tokenizers.values()))
@@ -140,8 +143,14 @@ def encode_shard(shard: Any, tar: tarfile.TarFile, tokenizers: dict[str, Any], s
         if not kept:
             continue
         codes = {m: tok.encode(torch.stack([d[m] for d in decoded])).cpu().numpy().astype(dtype) for m, tok in tokenizers.items()}
+        states = lengths = None
+        if sentence_states:
+            states, mask = encode_sentences([text_of(s.members) for s in kept], spec)
+            states, lengths = states.numpy().astype(np.float16), mask.sum(1).tolist()
         for i, sample in enumerate(kept):
             members = {f"{codes_key(m)}.npy": npy_bytes(c[i]) for m, c in codes.items()}
+            if states is not None:
+                members["text_states.npy"] = npy_bytes(states[i, : lengths[i]])  # real tokens only
             members |= {k: v for k, v in sample.members.items() if k in KEPT_MEMBERS}
             for ext in sorted(members):
                 tar.addfile(tar_member(f"{sample.key}.{ext}", len(members[ext])), io.BytesIO(members[ext]))
@@ -151,10 +160,12 @@ def encode_shard(shard: Any, tar: tarfile.TarFile, tokenizers: dict[str, Any], s
 
 def build_cache(
     data: Any, tokenizers: dict[str, Any], checksums: dict[str, str], out: Path, batch_size: int = 256, progress: bool = True,
-    fingerprint: dict[str, Any] | None = None,
+    fingerprint: dict[str, Any] | None = None, sentence_states: bool = False,
 ) -> dict[str, Any]:
-    """Encode the train and val splits of ``data`` into ``out`` (written whole, or not at all)."""
-    spec = DecodeSpec.from_config(data, tuple(sorted(tokenizers)))
+    """Encode the train and val splits of ``data`` into ``out`` (written whole, or not at all):
+    every tokenizer's codes and, with ``sentence_states``, the sentence encoder's token states
+    of each caption."""
+    spec = DecodeSpec.from_config(data, tuple(sorted(tokenizers)) + (("text",) if sentence_states else ()))
     summary: dict[str, Any] = {"format": FORMAT, "checksums": dict(checksums), "source": str(data.root),
                                "data": fingerprint if fingerprint is not None else data_fingerprint(data), "splits": {}}
     for tok in tokenizers.values():
@@ -170,7 +181,7 @@ def build_cache(
                 iterator = tqdm(shards, desc=f"tokenize {split}", unit="shard", leave=False)
             for shard in iterator:
                 with tarfile.open(stage / shard.name, "w", format=tarfile.USTAR_FORMAT) as tar:
-                    written, bad = encode_shard(shard, tar, tokenizers, spec, batch_size)
+                    written, bad = encode_shard(shard, tar, tokenizers, spec, batch_size, sentence_states)
                 sizes[shard.name], skipped = written, skipped + bad
             update_sizes(stage, sizes)
             summary["splits"][split] = {"shards": len(sizes), "samples": sum(sizes.values()), "skipped": skipped}

@@ -8,6 +8,7 @@ one module beside these and one entry in ``MODALITIES``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .audio import AudioModality
 from .base import CODES_SUFFIX, DecodeSpec, Modality, TokenSpace, codes_key
@@ -43,9 +44,19 @@ class Task:
         """Modalities of this task that need a stage-1 tokenizer, source first."""
         return [m.name for m in (self.source, self.target) if m.coded]
 
-    def inputs(self, cached: bool) -> tuple[str, ...]:
-        """Batch entries a training step reads: raw inputs, or a token cache's codes of coded modalities."""
-        return tuple(codes_key(m.name) if cached and m.coded else m.name for m in (self.source, self.target))
+    def cached(self, generator: Any) -> dict[str, str]:
+        """What a token cache keeps for this task: modality -> form (codes, sentence states)."""
+        out = {}
+        for role, m in (("source", self.source), ("target", self.target)):
+            form = m.cached_form(generator if role == "source" else None)
+            if form is not None:
+                out[m.name] = form
+        return out
+
+    def inputs(self, cached: bool, generator: Any = None) -> tuple[str, ...]:
+        """Batch entries a training step reads: raw inputs, or what a token cache keeps of them."""
+        forms = self.cached(generator) if cached else {}
+        return tuple(f"{m.name}_{forms[m.name]}" if m.name in forms else m.name for m in (self.source, self.target))
 
 
 def parse_task(task: str) -> Task:

@@ -57,12 +57,13 @@ class AudioModality(Modality):
     suffix = ".wav"
     coded = True
     members = ("wav", "flac", "ogg")
+    cached_forms = ("codes",)
 
     def decode(self, members: Mapping[str, bytes], spec: DecodeSpec) -> dict[str, Any]:
         _, data = first_member(members, self.members, self.name)
         return {"audio": decode_audio(data, spec)}
 
-    def space(self, tokenizer: Tokenizer | None, spec: DecodeSpec) -> TokenSpace:
+    def space(self, tokenizer: Tokenizer | None, spec: DecodeSpec, generator: Any = None) -> TokenSpace:
         if tokenizer is None:
             raise ValueError("audio needs a stage-1 tokenizer; none was loaded")
         return TokenSpace(self, tuple(tokenizer.code_shape), tokenizer.quantizer.codebook_size, tokenizer)

@@ -55,7 +55,8 @@ class DecodeSpec:
     def from_config(cls, cfg: Any, modalities: Sequence[str]) -> "DecodeSpec":
         """The spec of a resolved ``DataConfig`` (dataclass or OmegaConf node) for ``modalities``."""
         needed = {"image": ("image_size", "channels"), "audio": ("sample_rate", "audio_samples"), "text": ("text_bytes",)}
-        keys = [k for name in modalities for k in needed.get(name.removesuffix(CODES_SUFFIX), ())]
+        forms = [name.partition("_") for name in modalities]
+        keys = [k for base, _, form in forms if form != "codes" for k in needed.get(base, ())]
         unresolved = [k for k in keys if int(getattr(cfg, k)) <= 0]
         if unresolved:
             raise ValueError(f"data.{unresolved[0]}={getattr(cfg, unresolved[0])}: auto values must be resolved "
@@ -76,6 +77,7 @@ class TokenSpace:
     shape: tuple[int, ...]
     vocab: int
     tokenizer: Tokenizer | None = None
+    spec: DecodeSpec | None = None  # the data's formats, for spaces that encode raw inputs themselves
 
     def tokens(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """(B, *shape) long tokens of a batch: cached codes when present, else encoded now."""
@@ -103,6 +105,7 @@ class Modality:
     suffix: str = ""  # file suffix of an item written to disk
     coded: bool = False  # tokens come from a stage-1 tokenizer's codes
     members: tuple[str, ...] = ()  # shard members it reads, in order of preference
+    cached_forms: tuple[str, ...] = ()  # what a token cache may hold of it: "<name>_<form>.npy" members
 
     # ------------------------------------------------------------------ shards -> tensors
 
@@ -110,13 +113,25 @@ class Modality:
         """Batch entries of one sample; raises SampleError for a member that cannot be used."""
         raise NotImplementedError
 
+    def decode_cached(self, form: str, members: Mapping[str, bytes], spec: DecodeSpec) -> dict[str, Any]:
+        """Batch entries of a token cache's ``<name>_<form>.npy`` member (codes, by default)."""
+        key = f"{self.name}_{form}"
+        if form != "codes" or form not in self.cached_forms:
+            raise ValueError(f"{self.name} has no cached form {form!r}; it has {list(self.cached_forms)}")
+        return {key: codes_of(first_member(members, (f"{key}.npy",), key)[1])}
+
+    def cached_form(self, generator: Any) -> str | None:
+        """The form a token cache keeps of this modality for a stage-2 run, or None (read raw)."""
+        return "codes" if self.coded else None
+
     def present(self, members: Mapping[str, bytes]) -> bool:
         """Whether a sample carries this modality at all."""
         return any(ext in members for ext in self.members)
 
     # ------------------------------------------------------------------ tokens
 
-    def space(self, tokenizer: Tokenizer | None, spec: DecodeSpec) -> TokenSpace:
+    def space(self, tokenizer: Tokenizer | None, spec: DecodeSpec, generator: Any = None) -> TokenSpace:
+        """The token space stage 2 works in; ``generator`` (its config) may choose among encoders."""
         raise NotImplementedError
 
     def detokenize(self, tokens: torch.Tensor, tokenizer: Tokenizer | None) -> Any:

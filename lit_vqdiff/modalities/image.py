@@ -46,12 +46,13 @@ class ImageModality(Modality):
     suffix = ".png"
     coded = True
     members = ("png", "jpg", "jpeg", "webp", "bmp")
+    cached_forms = ("codes",)
 
     def decode(self, members: Mapping[str, bytes], spec: DecodeSpec) -> dict[str, Any]:
         _, data = first_member(members, self.members, self.name)
         return {"image": decode_image(data, spec.image_size, spec.channels)}
 
-    def space(self, tokenizer: Tokenizer | None, spec: DecodeSpec) -> TokenSpace:
+    def space(self, tokenizer: Tokenizer | None, spec: DecodeSpec, generator: Any = None) -> TokenSpace:
         if tokenizer is None:
             raise ValueError("image needs a stage-1 tokenizer; none was loaded")
         return TokenSpace(self, tuple(tokenizer.code_shape), tokenizer.quantizer.codebook_size, tokenizer)

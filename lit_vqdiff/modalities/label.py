@@ -38,7 +38,7 @@ class LabelModality(Modality):
             raise SampleError("missing_member", f"class needs cls, sample has {sorted(members)}")
         return {"label": label_of(members["cls"], spec.num_classes)}
 
-    def space(self, tokenizer: Tokenizer | None, spec: DecodeSpec) -> TokenSpace:
+    def space(self, tokenizer: Tokenizer | None, spec: DecodeSpec, generator: Any = None) -> TokenSpace:
         return TokenSpace(self, (), spec.num_classes)
 
     def condition_encoder(self, space: TokenSpace, generator: Any, width: int, heads: int, spec: DecodeSpec) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Condition encoders: class labels, UTF-8 captions and frozen-tokenizer codes -> ``Condition``.
+"""Condition encoders: class labels, UTF-8 captions, a pretrained text encoder's token states
+and frozen-tokenizer codes -> ``Condition``.
 
 Classifier-free guidance needs one network that predicts both with and without its
 condition. So every encoder swaps the condition of the rows flagged in ``drop`` (B,) for a
@@ -107,6 +108,27 @@ class ByteTextEncoder(SequenceEncoder):
         groups = tokens.view(tokens.shape[0], -1, self.patch)
         mask = (groups != self.pad_id).any(dim=-1)  # a position is real when any of its bytes is
         return self.encode(self.byte_embed(groups) + self.pos_embed, mask, drop)
+
+
+class StateEncoder(SequenceEncoder):
+    """Token states of a frozen pretrained text encoder (B, T, state_dim) with their mask ->
+    a condition sequence: a projection to ``width``, learned positions, then the blocks."""
+
+    def __init__(self, state_dim: int, max_tokens: int, width: int, depth: int, heads: int, mlp_ratio: float = 4.0,
+                 dropout: float = 0.0):
+        super().__init__(width, depth, heads, mlp_ratio, dropout)
+        self.max_tokens = max_tokens
+        self.project = nn.Linear(state_dim, width)
+        self.pos_embed = nn.Parameter(torch.randn(1, max_tokens, width) * 0.02)
+
+    def forward(self, source: tuple[Tensor, Tensor], drop: Tensor | None = None) -> Condition:
+        """source = (states (B, T <= max_tokens, state_dim) float, mask (B, T) bool)."""
+        states, mask = source
+        if states.ndim != 3 or states.shape[1] > self.max_tokens or mask.shape != states.shape[:2]:
+            raise ValueError(f"states must be (B, T <= {self.max_tokens}, D) with a (B, T) mask, "
+                             f"got {tuple(states.shape)} and {tuple(mask.shape)}")
+        h = self.project(states.to(self.project.weight.dtype)) + self.pos_embed[:, : states.shape[1]]
+        return self.encode(h, mask.bool(), drop)
 
 
 class CodeEncoder(SequenceEncoder):

@@ -50,7 +50,7 @@ class GeneratorModule(StageModule):
         self.tokenizers = nn.ModuleDict({m: Tokenizer.from_spec(meta["spec"]) for m, meta in tokenizers.items()})
         self.tokenizers.eval().requires_grad_(False)
         frozen = dict(self.tokenizers)
-        self.source = self.task.source.space(frozen.get(self.task.source.name), self.spec)
+        self.source = self.task.source.space(frozen.get(self.task.source.name), self.spec, g)
         self.target = self.task.target.space(frozen.get(self.task.target.name), self.spec)
         width, depth, heads = trunk_size(g.preset, g.width, g.depth, g.heads)
         self.cond_encoder = self.task.source.condition_encoder(self.source, g, width, heads, self.spec)
@@ -84,7 +84,7 @@ class GeneratorModule(StageModule):
 
     # ------------------------------------------------------------------ pieces
 
-    def condition(self, source: torch.Tensor, drop: torch.Tensor | None = None) -> Condition:
+    def condition(self, source: Any, drop: torch.Tensor | None = None) -> Condition:
         return self.cond_encoder(source, drop)
 
     def to_latents(self, codes: torch.Tensor) -> torch.Tensor:
@@ -133,10 +133,10 @@ class GeneratorModule(StageModule):
         decoding = self.decoding()
         temperature = decoding["temperature"] if temperature is None else temperature
         source = self.source.tokens(batch)
-        n = source.shape[0]
+        n = self.source.batch_size(batch)
         # The condition is encoded once per sample; every denoising step reuses it.
         cond = self.cond_encoder(source)
-        uncond = self.cond_encoder(source, torch.ones(n, dtype=torch.bool, device=source.device))
+        uncond = self.cond_encoder(source, torch.ones(n, dtype=torch.bool, device=self.device))
         if self.gaussian:
             tok = self.target.tokenizer
             assert tok is not None

@@ -1,0 +1,347 @@
+"""Debian packages without root: ``apt-get download`` into a cache, pinned sha256, ``dpkg-deb -x``.
+
+The classic speech codecs the platform compares against (Codec2, Opus) and its speech
+synthesizer (espeak-ng) are Debian 12 (bookworm, amd64) binaries. They are fetched on
+first use, or ahead of time with
+
+    python -m lit_vqdiff.debian fetch codec2 opus-tools espeak-ng
+
+into ``$LIT_VQDIFF_CACHE/debian`` (default ``~/.cache/lit_vqdiff/debian``): the .deb files
+beside ``root/``, where they are unpacked. Nothing is installed system-wide; ``tool`` gives
+a binary's absolute path and the environment it runs in (its libraries and data in the
+cache). Every .deb is checked against the sha256 pinned in ``PACKAGES`` before it is
+unpacked. The unpacked binaries still load a few libraries every Debian 12 system with
+audio support has (libc, libasound2, libdbus-1-3, libx11-xcb1, libsystemd0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+CACHE_ENV = "LIT_VQDIFF_CACHE"
+ARCH = "amd64"  # the pins below are for this architecture
+MULTIARCH = "x86_64-linux-gnu"
+TIMEOUT_S = 900
+
+# package -> (version, sha256 of its amd64 .deb), as in Debian 12 (bookworm).
+PACKAGES: dict[str, tuple[str, str]] = {
+    "codec2": ("1.0.5-1", "4b6136774cc5ec1e3de744fa52c66f3af13619336b25a13ae58b455d55803086"),
+    "libcodec2-1.0": ("1.0.5-1", "5f91673bc70e10496389d061a7f01f27f7f0d9090de56cce7ba21b9c461163d9"),
+    "opus-tools": ("0.2-1+b1", "998412aac2566abce6bc734f709478797dc67a476e66e3071e455b492566c6b9"),
+    "libopus0": ("1.3.1-3", "c172e212f9039e741916aa8e12f3670d1e049dc0c16685325641288c2d83faa7"),
+    "libopusenc0": ("0.2.1-2", "53e45aa47c090b0ad80336b4a338643372743bf3de21ba9cf89da2e9fe12106f"),
+    "libopusfile0": ("0.12-4", "bede4581fe9c2b97fa6419c3d7d32fb3b40cc63d03282b5b05f4bcea5f7390db"),
+    "libogg0": ("1.3.5-3", "f67acb0477aed0354f411172e37af338f3ac6bd4f3766134a2cf5539884b5a28"),
+    "libflac12": ("1.4.2+ds-2", "4d8431c274eef13ec9ee2c0bf988c34b4342367dec053b7f69a432525be5b1fe"),
+    "espeak-ng": ("1.51+dfsg-10+deb12u2", "a11396a690f85f55e6e6b2965505237ddf3dc95c51936aa61de936f1ccf8f4d0"),
+    "libespeak-ng1": ("1.51+dfsg-10+deb12u2", "2b127a95b50d92cbd7a615968d2ac1566e1cbc87e27bcda0c2894afb2407c6d2"),
+    "espeak-ng-data": ("1.51+dfsg-10+deb12u2", "573f5661c6a5adcf949018baad158c4c773bf5579390ee5235a890f1cd694106"),
+    "libpcaudio0": ("1.2-2", "5309759e4d129c7d9a601240cc6e62820ecfa86a1a98e207992ffa6a572dbcd2"),
+    "libsonic0": ("0.2.0-12", "9d60de6918ace0b10e3e4e95421befd08aaf03b5b2a3d71ceb799e0cf259916f"),
+    "libpulse0": ("16.1+dfsg1-2+b1", "7b2c5403cb726312219aad678becc6d6adcee1d8694fdffce0b6ec15ae010831"),
+    "libasyncns0": ("0.8-6+b3", "cadaff99f4178b1f580331045621b363abaaefc994e78eecba1857774a3cead2"),
+    "libsndfile1": ("1.2.0-1+deb12u1", "02dc3f08fe8476e82e005f412e3b7289ff641180f33a9be8073f4bde61c85e8e"),
+    "libvorbis0a": ("1.3.7-1", "01c14f9d1109650077a4c5c337c285476a6932d4d448f5a190c2b845724dbf21"),
+    "libvorbisenc2": ("1.3.7-1", "75dd4d6f904c7db82f5112e60d8efea9e81dfedf94e970c5da7af2b3d81643c0"),
+    "libmpg123-0": ("1.31.2-1+deb12u1", "a10ad0d59995b859797a5f20d2833672051d0b2c7dab4c71f2e79258b2e3f631"),
+    "libmp3lame0": ("3.100-6", "b1292c749172e7623547ecf684da57d3ec6ca22109f08b11bbb9e6be6e6beb95"),
+}
+
+# What each tool package needs unpacked beside it to run (its library closure outside
+# a base Debian 12 system); the sets overlap, and a shared .deb is unpacked once.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "codec2": ("codec2", "libcodec2-1.0"),
+    "opus-tools": ("opus-tools", "libopus0", "libopusenc0", "libopusfile0", "libogg0", "libflac12"),
+    # libsndfile1 (through libpulse0) loads FLAC, Ogg, Opus and Vorbis libraries too.
+    "espeak-ng": ("espeak-ng", "libespeak-ng1", "espeak-ng-data", "libpcaudio0", "libsonic0", "libpulse0", "libasyncns0",
+                  "libsndfile1", "libvorbis0a", "libvorbisenc2", "libmpg123-0", "libmp3lame0", "libflac12", "libogg0",
+                  "libopus0"),
+}
+
+BINARIES: dict[str, str] = {"c2enc": "codec2", "c2dec": "codec2", "opusenc": "opus-tools", "opusdec": "opus-tools",
+                            "espeak-ng": "espeak-ng"}
+
+
+class DebianError(RuntimeError):
+    """A package or tool that cannot be had; ``exit_code`` is 2 for a missing prerequisite, 1 for a failed fetch."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Tool(NamedTuple):
+    """An unpacked binary and the environment to run it in (``os.environ`` plus the cache's paths)."""
+
+    path: Path
+    env: dict[str, str]
+
+
+# ----------------------------------------------------------------------------- files and folders
+
+
+def cache_dir() -> Path:
+    """``$LIT_VQDIFF_CACHE/debian``, ``~/.cache/lit_vqdiff/debian`` by default."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lit_vqdiff").expanduser() / "debian"
+
+
+def deb_name(package: str, version: str, arch: str = ARCH) -> str:
+    """The file name ``apt-get download`` gives a package (an epoch's ``:`` written ``%3a``)."""
+    return f"{package}_{version.replace(':', '%3a')}_{arch}.deb"
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_command(names: Sequence[str]) -> str:
+    """The command that pre-fetches ``names`` into the cache."""
+    return f"python -m lit_vqdiff.debian fetch {' '.join(names)}"
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` so that concurrent runs do not fetch or unpack into it at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- download, verify, unpack
+
+
+def _program(name: str, hint: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise DebianError(f"{name} not found on PATH; {hint}", exit_code=2)
+    return found
+
+
+def _telling_line(output: str) -> str:
+    # apt-get prints its reason on an "E:" line, often after "W:" warnings that are not it.
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("E:")]
+    return (errors or [line for line in lines if not line.startswith("W:")] or ["no error output"])[0]
+
+
+def _run(argv: Sequence[str], cwd: Path, advice: str) -> None:
+    shown = " ".join([Path(argv[0]).name, *map(str, argv[1:])])
+    try:
+        done = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DebianError(f"{shown} timed out after {TIMEOUT_S} s; {advice}") from None
+    if done.returncode != 0:
+        why = _telling_line(done.stderr + done.stdout)
+        raise DebianError(f"{shown} failed (exit {done.returncode}): {why}; {advice}")
+
+
+def download(folder: Path | str, *specs: str) -> list[Path]:
+    """``apt-get download`` of ``specs`` (``package`` or ``package=version``) into ``folder``, in one
+    call; returns the .deb files written, in the order of ``specs``."""
+    folder = Path(folder)
+    shown = " ".join(specs)
+    apt = _program("apt-get", f"on Debian or Ubuntu run apt-get download {shown}, or put the .deb files into {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    advice = f"run apt-get update, check that a Debian mirror is reachable, or put the .deb files into {folder}"
+    written = []
+    # A private folder: a download interrupted half-way never sits under the final name.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+        try:
+            _run([apt, "download", *specs], Path(tmp), advice)
+        except DebianError:
+            # A fresh machine's package lists may predate the pinned versions: refresh them
+            # once where that is allowed (as root), then try again.
+            if os.geteuid() != 0:
+                raise
+            _run([apt, "update", "-qq"], Path(tmp), advice)
+            _run([apt, "download", *specs], Path(tmp), advice)
+        for spec in specs:
+            package = spec.split("=")[0]
+            found = sorted(Path(tmp).glob(f"{package}_*.deb"))
+            if not found:
+                raise DebianError(f"apt-get download {spec} wrote no {package}_*.deb; {advice}")
+            written.append(found[-1].replace(folder / found[-1].name))
+    return written
+
+
+def verify(deb: Path, package: str, sha256: str) -> None:
+    """Raise unless ``deb`` has the pinned ``sha256``."""
+    actual = sha256_of(deb)
+    if actual != sha256:
+        raise DebianError(f"{deb}: sha256 {actual}, but {package} is pinned to {sha256}; "
+                          "delete the file to fetch it again")
+
+
+def unpack(deb: Path | str, dest: Path | str) -> None:
+    """``dpkg-deb -x deb dest``: the package's files under ``dest``, nothing run, nothing installed."""
+    dpkg = _program("dpkg-deb", "install dpkg (Debian-based systems have it)")
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    _run([dpkg, "-x", Path(deb).resolve(), dest], dest, f"delete {deb} to fetch it again")
+
+
+# ----------------------------------------------------------------------------- pinned packages in the cache
+
+
+def _marker(root: Path, package: str) -> Path:
+    version, _ = PACKAGES[package]
+    return root / ".unpacked" / deb_name(package, version)
+
+
+def is_unpacked(package: str, cache: Path | None = None) -> bool:
+    """Whether the pinned version of ``package`` is unpacked in the cache."""
+    root = (cache or cache_dir()) / "root"
+    marker = _marker(root, package)
+    return marker.is_file() and marker.read_text().strip() == PACKAGES[package][1]
+
+
+def _check_platform(package: str) -> None:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise DebianError(f"{package}: the pinned .deb files are Debian 12 {ARCH} binaries; "
+                          f"this machine is {platform.system()} {platform.machine()}", exit_code=2)
+
+
+def ensure_package(package: str, cache: Path | None = None, fetch: bool = True) -> bool:
+    """Unpack the pinned ``package`` into ``<cache>/root`` (downloading its .deb when absent and
+    ``fetch``); returns whether anything had to be done. Call it under ``locked(cache)``."""
+    if package not in PACKAGES:
+        raise DebianError(f"{package}: no pinned version; pinned packages: {', '.join(sorted(PACKAGES))}", exit_code=2)
+    cache = cache or cache_dir()
+    if is_unpacked(package, cache):
+        return False
+    _check_platform(package)
+    version, sha256 = PACKAGES[package]
+    deb = cache / deb_name(package, version)
+    if not deb.is_file():
+        if not fetch:
+            raise _not_cached(package, package, cache)
+        download(cache, f"{package}={version}")
+        if not deb.is_file():
+            raise DebianError(f"apt-get download {package}={version} did not write {deb.name} into {cache}")
+    verify(deb, package, sha256)
+    root = cache / "root"
+    unpack(deb, root)
+    marker = _marker(root, package)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(sha256 + "\n")  # written last: a half-unpacked package is unpacked again
+    return True
+
+
+def _not_cached(package: str, name: str, cache: Path) -> DebianError:
+    version, _ = PACKAGES[package]
+    return DebianError(f"{package} {version} is not in {cache}; run `{fetch_command([name])}`", exit_code=2)
+
+
+def ensure(name: str, cache: Path | None = None, fetch: bool = True) -> list[str]:
+    """Unpack a group (``codec2``, ``opus-tools``, ``espeak-ng``) or one pinned package into the cache
+    (one ``apt-get download`` for what is absent, when ``fetch``); returns the packages unpacked now."""
+    members = GROUPS.get(name, (name,))
+    cache = cache or cache_dir()
+    missing = [p for p in members if p not in PACKAGES or not is_unpacked(p, cache)]
+    if not missing:
+        return []
+    if not fetch:  # checked before taking the lock, which would create the cache folder
+        for package in missing:
+            if package in PACKAGES and not (cache / deb_name(package, PACKAGES[package][0])).is_file():
+                raise _not_cached(package, name, cache)
+    with locked(cache):
+        absent = [p for p in missing if p in PACKAGES and not (cache / deb_name(p, PACKAGES[p][0])).is_file()]
+        if absent and fetch:
+            _check_platform(absent[0])
+            download(cache, *(f"{p}={PACKAGES[p][0]}" for p in absent))  # one apt-get call for the lot
+        return [p for p in members if ensure_package(p, cache, fetch)]
+
+
+def environment(root: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default ``os.environ``) with the unpacked tree's binaries first on PATH, its
+    libraries (and libpulse's private ones) on LD_LIBRARY_PATH, and espeak-ng's data."""
+    env = dict(os.environ if base is None else base)
+    lib = root / "usr" / "lib" / MULTIARCH
+
+    def first(key: str, *paths: Path) -> str:
+        return os.pathsep.join([*map(str, paths), *filter(None, [env.get(key, "")])])
+
+    env["PATH"] = first("PATH", root / "usr" / "bin")
+    env["LD_LIBRARY_PATH"] = first("LD_LIBRARY_PATH", lib, lib / "pulseaudio")
+    env["ESPEAK_DATA_PATH"] = str(lib)  # the folder that holds espeak-ng-data/, not that folder itself
+    return env
+
+
+def tool(binary: str, cache: Path | None = None, fetch: bool = True) -> Tool:
+    """Path and environment of ``binary`` (c2enc, c2dec, opusenc, opusdec, espeak-ng), its packages
+    unpacked into the cache first (fetched when absent and ``fetch``)."""
+    if binary not in BINARIES:
+        raise DebianError(f"unknown tool {binary!r}; known: {', '.join(sorted(BINARIES))}", exit_code=2)
+    cache = cache or cache_dir()
+    ensure(BINARIES[binary], cache, fetch)
+    root = cache / "root"
+    path = root / "usr" / "bin" / binary
+    if not path.is_file():
+        raise DebianError(f"{path}: missing although {BINARIES[binary]} is unpacked; delete {root} and run "
+                          f"`{fetch_command([BINARIES[binary]])}`")
+    return Tool(path, environment(root))
+
+
+def run(program: Tool, args: Sequence[str | Path], timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
+    """Run an unpacked tool; a failure is a DebianError with its telling stderr line."""
+    argv = [str(program.path), *map(str, args)]
+    shown = " ".join([program.path.name, *map(str, args)])
+    try:
+        done = subprocess.run(argv, env=program.env, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DebianError(f"{shown} timed out after {timeout:g} s") from None
+    if done.returncode != 0:
+        text = done.stderr.decode("utf-8", "replace") + done.stdout.decode("utf-8", "replace")
+        if "error while loading shared libraries" in text:
+            # The closure in GROUPS assumes a base Debian 12 system for libc, ALSA, D-Bus and X11.
+            why = _telling_line(text)
+            raise DebianError(f"{program.path.name} cannot load a library: {why}; install that library system-wide")
+        raise DebianError(f"{shown} failed (exit {done.returncode}): {_telling_line(text)}")
+    return done
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fetch NAME...``: download, verify and unpack pinned packages or groups into the cache."""
+    parser = argparse.ArgumentParser(prog="python -m lit_vqdiff.debian", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help="fetch, verify and unpack packages into the cache")
+    fetch.add_argument("names", nargs="+", metavar="NAME", help=f"a group ({', '.join(GROUPS)}) or a pinned package")
+    args = parser.parse_args(argv)
+    cache = cache_dir()
+    for name in args.names:
+        try:
+            done = ensure(name, cache)
+        except DebianError as err:
+            print(f"lit_vqdiff.debian: error: {err}", file=sys.stderr)
+            return err.exit_code
+        members = GROUPS.get(name, (name,))
+        pinned = ", ".join(f"{p} {PACKAGES[p][0]}" for p in members)
+        print(f"{name}: {pinned}; {len(done)} unpacked now, {len(members) - len(done)} already there ({cache / 'root'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
