@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data data-mnist data-fashion data-speech train-stage1 train-stage2 tokenize sample eval \
+.PHONY: help install data data-mnist data-fashion data-speech data-photos train-stage1 train-stage2 tokenize sample eval \
         reconstruct test test-fast bench sweep agent clean
 
 help: ## show this help
@@ -51,6 +51,9 @@ data-fashion: install ## Fashion-MNIST (Debian dataset-fashion-mnist, md5 pinned
 
 data-speech: install ## synthesized speech (espeak-ng, several voices, 8 kHz) into data/speech
 	@$(WITH_ARGS) $(CLI) shards write speech
+
+data-photos: install ## crops of 49 photographs (Debian wallpaper packages, sha256 pinned) into data/photos
+	@$(WITH_ARGS) $(CLI) shards write photos
 
 train-stage1: install ## train the stage-1 tokenizer (ARGS="modality=audio ...")
 	@$(WITH_ARGS) $(CLI) train stage1

@@ -56,6 +56,12 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "libvorbisenc2": ("1.3.7-1", "75dd4d6f904c7db82f5112e60d8efea9e81dfedf94e970c5da7af2b3d81643c0"),
     "libmpg123-0": ("1.31.2-1+deb12u1", "a10ad0d59995b859797a5f20d2833672051d0b2c7dab4c71f2e79258b2e3f631"),
     "libmp3lame0": ("3.100-6", "b1292c749172e7623547ecf684da57d3ec6ca22109f08b11bbb9e6be6e6beb95"),
+    # Desktop wallpapers: camera photographs for the photos shard set (Architecture: all).
+    "mate-backgrounds": ("1.26.0-1", "7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04"),
+    "lxqt-themes": ("1.2.0-1", "d518df36b515b09d36cb00b12645dd8ce170bb82bb0966297741905ce3edc8e1"),
+    "lomiri-wallpapers-16.04": ("20.04.0-2", "a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab"),
+    "lomiri-wallpapers-20.04": ("20.04.0-2", "d44e89b8473aafe64a5b678f014862dc31335aaaf18665c544d985d854f1a709"),
+    "plasma-workspace-wallpapers": ("4:5.27.5-2", "32cd18b71c8c938a18b3b351f217c02ac590e323caa3cf322fbb875ce8892f8b"),
 }
 
 # What each tool package needs unpacked beside it to run (its library closure outside
@@ -67,7 +73,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "espeak-ng": ("espeak-ng", "libespeak-ng1", "espeak-ng-data", "libpcaudio0", "libsonic0", "libpulse0", "libasyncns0",
                   "libsndfile1", "libvorbis0a", "libvorbisenc2", "libmpg123-0", "libmp3lame0", "libflac12", "libogg0",
                   "libopus0"),
+    # Data, not tools: the photographs that lit_vqdiff.data.photos crops.
+    "photos": ("mate-backgrounds", "lxqt-themes", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04",
+               "plasma-workspace-wallpapers"),
 }
+
+# Packages built once for every architecture ("Architecture: all"): apt-get download names them <p>_<v>_all.deb.
+ARCH_ALL: frozenset[str] = frozenset(GROUPS["photos"])
 
 BINARIES: dict[str, str] = {"c2enc": "codec2", "c2dec": "codec2", "opusenc": "opus-tools", "opusdec": "opus-tools",
                             "espeak-ng": "espeak-ng"}
@@ -96,8 +108,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lit_vqdiff").expanduser() / "debian"
 
 
-def deb_name(package: str, version: str, arch: str = ARCH) -> str:
-    """The file name ``apt-get download`` gives a package (an epoch's ``:`` written ``%3a``)."""
+def deb_name(package: str, version: str, arch: str | None = None) -> str:
+    """The file name ``apt-get download`` gives a package (an epoch's ``:`` written ``%3a``); ``arch``
+    defaults to ``all`` for the packages in ``ARCH_ALL``, ``ARCH`` for the others."""
+    arch = arch or ("all" if package in ARCH_ALL else ARCH)
     return f"{package}_{version.replace(':', '%3a')}_{arch}.deb"
 
 

@@ -115,12 +115,14 @@ def test_padding_is_reported_once(tiny_shards, tiny_config, caplog, monkeypatch)
     assert messages == ["train: 37 samples on 2 ranks, 1 repeated as padding: each reads 19"]
 
 
-def test_too_few_shards_for_ranks_and_workers(tiny_shards, tiny_config, monkeypatch):
+def test_too_few_shards_for_ranks_and_workers_reads_with_fewer_workers(tiny_shards, tiny_config, monkeypatch, caplog):
     data = tiny_shards([10, 10, 10])
     dm = ShardDataModule(tiny_config(data.directory, num_workers=2), ("class",))
-    monkeypatch.setattr(dm, "rank_world", lambda: (1, 2))
-    with pytest.raises(ValueError, match="3 shards for 2 ranks x 2 workers"):
-        dm.train_dataloader()
+    monkeypatch.setattr(dm, "rank_world", lambda: (0, 2))
+    with caplog.at_level(logging.WARNING, logger="lit_vqdiff.data.datamodule"):
+        loader = dm.train_dataloader()
+    assert loader.stream.workers == 1 and len(loader) == 4  # 15 samples per rank in batches of 4
+    assert "3 shard(s) for 2 rank(s) x 2 workers: reading with 1 worker(s) per rank" in caplog.text
     resampled = ShardDataModule(tiny_config(data.directory, num_workers=2, mode="resampled"), ("class",))
     monkeypatch.setattr(resampled, "rank_world", lambda: (1, 2))
     assert len(resampled.train_dataloader()) == 30 // (2 * 4)

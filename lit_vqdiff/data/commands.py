@@ -15,13 +15,13 @@ from typing import Any, Callable
 
 from ..config import ConfigError, load_config
 from ..debian import DebianError
-from . import sources, speech
+from . import photos, sources, speech
 from .check import check_shards
 from .shards import write_shapes_set
 
 DEFAULT_CACHE = "data/cache"
 DEFAULT_OUT = {"images": "data/images", "sounds": "data/sounds", "mnist": "data/mnist", "fashion": "data/fashion-mnist",
-               "speech": "data/speech"}
+               "speech": "data/speech", "photos": "data/photos"}
 
 
 def positive_int(text: str) -> int:
@@ -41,7 +41,7 @@ def add_shards_parser(subparsers: Any) -> argparse.ArgumentParser:
     actions = shards.add_subparsers(dest="shards_action", required=True, metavar="{write,check}")
     what = "convert a source into train/val shards with sizes.json"
     write = actions.add_parser("write", help=what, description=what[0].upper() + what[1:] + ".")
-    kinds = write.add_subparsers(dest="source", required=True, metavar="{shapes,images,sounds,mnist,fashion,speech}")
+    kinds = write.add_subparsers(dest="source", required=True, metavar="{shapes,images,sounds,mnist,fashion,speech,photos}")
 
     p = _write_parser(kinds, "shapes", "render shapes-v1 train and val splits (settings: the stage-1 data config)", None)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.shapes.train_samples=4000")
@@ -72,6 +72,14 @@ def add_shards_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--voices", default=",".join(speech.VOICES), help="espeak-ng voices, comma-separated (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sentences and their split")
     p.set_defaults(func=_guarded(_write_speech))
+
+    p = _write_parser(kinds, "photos", "square crops of 49 camera photographs from Debian wallpaper packages, split by photo",
+                      DEFAULT_OUT["photos"])
+    p.add_argument("--crop", type=positive_int, default=128, help="side of the crops in pixels (default: %(default)s)")
+    p.add_argument("--crops-per-photo", type=positive_int, default=64, help="crops of each photo (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the photos held out as val (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out and of the crops")
+    p.set_defaults(func=_guarded(_write_photos))
 
     p = actions.add_parser("check", help="validate a shard set", description="Validate a shard set; exit 1 when it has problems.")
     p.add_argument("pattern", help="a directory of shards or a brace pattern, e.g. 'data/mnist/train-{000000..000004}.tar'")
@@ -159,6 +167,13 @@ def _write_speech(args: argparse.Namespace) -> int:
     voices = [v.strip() for v in args.voices.split(",") if v.strip()]
     sizes = speech.write_speech(args.out, args.train_sentences, args.val_sentences, voices, seed=args.seed,
                                 shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress)
+    return _done(args.out, sizes)
+
+
+def _write_photos(args: argparse.Namespace) -> int:
+    sizes = photos.write_photos(args.out, crop=args.crop, crops_per_photo=args.crops_per_photo,
+                                val_fraction=args.val_fraction, seed=args.seed, shard_size=args.shard_size,
+                                overwrite=args.overwrite, progress=not args.no_progress)
     return _done(args.out, sizes)
 
 
