@@ -63,10 +63,12 @@ def random_tokenizers(modalities, root: Path) -> tuple[dict, dict]:
 @pytest.mark.parametrize(
     "extra",
     [("task=text->image",), ("task=text->image", "generator.text_encoder=minilm"),
+     ("task=text->image", "generator.objective=uniform", "generator.discrete.num_steps=100"),
+     ("task=class->image", "generator.objective=mask_replace", "generator.discrete.hybrid=1.0"),
      ("task=class->image", "generator.objective=gaussian", "sampling.ddim_steps=3"),
      ("task=image->text", "sampling.steps=4"), ("task=audio->image",), ("task=image->audio", "generator.patch_size=2"),
      ("task=text->audio", "generator.objective=gaussian", "sampling.sampler=ddpm", "sampling.ddpm_steps=4")],
-    ids=["text-image-mask", "text-image-minilm", "class-image-gaussian", "image-text", "audio-image", "image-audio-grouped", "text-audio-gaussian-ddpm"],
+    ids=["text-image-mask", "text-image-minilm", "text-image-uniform", "class-image-mask-replace", "class-image-gaussian", "image-text", "audio-image", "image-audio-grouped", "text-audio-gaussian-ddpm"],
 )
 def test_stage2_fast_dev_run(shapes_root, tmp_path, extra):
     cfg = resolved("stage2", tiny_stage2(shapes_root, tmp_path / "runs", "trainer.fast_dev_run=true", *extra))

@@ -306,6 +306,16 @@ def _validate_generator(cfg: DictConfig) -> None:
         _require(text_bytes % g.text_patch_size == 0, "data.text_bytes", text_bytes,
                  f"must be a multiple of generator.text_patch_size={g.text_patch_size}")
     source, target = cfg.task.split("->")
+    d = g.discrete
+    _require(d.num_steps >= 1, "generator.discrete.num_steps", d.num_steps, "must be positive")
+    _require(0.0 <= d.replace < 1.0, "generator.discrete.replace", d.replace, "must be in [0, 1)")
+    _require(d.hybrid >= 0.0, "generator.discrete.hybrid", d.hybrid, "must be >= 0")
+    schedules = {"uniform": ("cosine", "linear"), "mask_replace": SCHEDULES}
+    if g.objective in schedules:
+        _require(d.schedule in schedules[g.objective], "generator.discrete.schedule", d.schedule,
+                 f"expected one of {list(schedules[g.objective])} for generator.objective={g.objective}")
+        _require(cfg.sampling.steps <= d.num_steps, "sampling.steps", cfg.sampling.steps,
+                 f"must not exceed generator.discrete.num_steps={d.num_steps}")
     if g.objective == "gaussian" and target not in ("image", "audio"):
         raise ConfigError(f"generator.objective=gaussian needs an image or audio target; task={cfg.task} targets {target}")
     if g.text_encoder == "minilm" and target == "text":

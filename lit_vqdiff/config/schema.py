@@ -173,8 +173,18 @@ class GaussianConfig:
 
 
 @dataclass
+class DiscreteConfig:
+    """The discrete processes other than masking: uniform (D3PM) and mask_replace (VQ-Diffusion)."""
+
+    num_steps: int = 1000  # diffusion timesteps in training (sampling respaces them to sampling.steps)
+    schedule: str = "cosine"  # uniform: cosine | linear (the kept share); mask_replace: cosine | linear | arccos (the masked share)
+    replace: float = 0.2  # mask_replace: share of unmasked codes replaced by random ones at the last step
+    hybrid: float = 0.0  # weight of the variational bound beside the x0 cross-entropy (D3PM's lambda x T)
+
+
+@dataclass
 class GeneratorConfig:
-    objective: str = "mask"  # mask (absorbing diffusion on codes) | gaussian (diffusion on code vectors)
+    objective: str = "mask"  # mask (absorbing) | uniform (D3PM) | mask_replace (VQ-Diffusion) on codes | gaussian on code vectors
     preset: str = "DiT-T"  # DiT-T | DiT-S | DiT-B | DiT-L | DiT-XL
     width: Optional[int] = None  # None = the preset's
     depth: Optional[int] = None  # None = the preset's
@@ -188,12 +198,13 @@ class GeneratorConfig:
     mask_schedule: str = "cosine"  # cosine | linear | arccos
     label_smoothing: float = 0.0  # of the masked-token cross-entropy
     gaussian: GaussianConfig = field(default_factory=GaussianConfig)
+    discrete: DiscreteConfig = field(default_factory=DiscreteConfig)
     ema_decay: float = 0.999  # decay of the EMA weights used for sampling
 
 
 @dataclass
 class SamplingConfig:
-    steps: int = 12  # mask diffusion decoding steps
+    steps: int = 12  # decoding steps of the discrete processes (mask, uniform, mask_replace)
     guidance: float = 2.0  # classifier-free guidance scale (1 = none)
     temperature: float = 1.0  # sampling temperature of codes
     choice_temperature: float = 0.5  # Gumbel noise on the confidences that order the unmasking (annealed to 0)
@@ -248,7 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
     "logger.kind": ("wandb", "csv", "none"),
     "logger.mode": ("offline", "online", "disabled"),
-    "generator.objective": ("mask", "gaussian"),
+    "generator.objective": ("mask", "uniform", "mask_replace", "gaussian"),
     "generator.pos": ("learned", "sincos"),
     "generator.text_encoder": ("bytes", "minilm"),
     "generator.gaussian.schedule": ("linear", "cosine"),

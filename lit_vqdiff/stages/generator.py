@@ -2,9 +2,10 @@
 
 A training step turns the batch into target tokens and a condition, drops the
 condition with probability ``generator.cond_dropout`` (the unconditional branch of
-classifier-free guidance) and minimizes the diffusion loss: cross-entropy on masked
-codes (mask objective) or noise/velocity regression on normalized code vectors
-(Gaussian objective). Validation measures the loss and, when the run hands it held-out
+classifier-free guidance) and minimizes the diffusion loss: cross-entropy on the clean
+codes behind masked ones (mask), behind uniformly resampled ones (uniform, D3PM) or both
+(mask_replace, VQ-Diffusion), or noise/velocity regression on normalized code vectors
+(gaussian). Validation measures the loss and, when the run hands it held-out
 conditions (``validation_set``), samples them with the EMA weights and scores the
 outputs as `eval` does (``eval.evaluate.score_items``), plus media of what it generated.
 """
@@ -20,7 +21,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ..diffusion.gaussian import GaussianDiffusion
+from ..diffusion.mask_replace import MaskReplaceDiffusion
 from ..diffusion.masked import MaskedDiffusion
+from ..diffusion.uniform import UniformDiffusion
 from ..eval.conditions import Conditions, decoded_reference
 from ..eval.evaluate import score_items
 from ..modalities import DecodeSpec, parse_task
@@ -32,6 +35,16 @@ from .base import StageModule
 # The frozen tokenizers stay in eval mode on purpose; Lightning's warning about modules
 # in eval mode at the start of training would fire on every stage-2 run.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+def discrete_process(g: Any, vocab: int) -> Any:
+    """The discrete diffusion ``generator.objective`` names, over ``vocab`` codes (DiT's mask id is ``vocab``)."""
+    d = g.discrete
+    if g.objective == "uniform":
+        return UniformDiffusion(vocab, d.num_steps, schedule=d.schedule, hybrid=d.hybrid)
+    if g.objective == "mask_replace":
+        return MaskReplaceDiffusion(vocab, d.num_steps, schedule=d.schedule, replace=d.replace, hybrid=d.hybrid)
+    return MaskedDiffusion(vocab, schedule=g.mask_schedule, label_smoothing=g.label_smoothing)
 
 
 class GeneratorModule(StageModule):
@@ -68,7 +81,7 @@ class GeneratorModule(StageModule):
         else:
             patch = g.text_patch_size if self.task.target.name == "text" else g.patch_size
             self.dit = DiT(input="tokens", vocab_size=self.target.vocab, seq_shape=self.target.shape, patch_size=patch, **common)
-            self.diffusion = MaskedDiffusion(self.target.vocab, schedule=g.mask_schedule, label_smoothing=g.label_smoothing)
+            self.diffusion = discrete_process(g, self.target.vocab)
         if cfg.trainer.compile:
             # In place (nn.Module.compile), so checkpoints keep the eager parameter names.
             self.dit.compile()
@@ -146,9 +159,10 @@ class GeneratorModule(StageModule):
             else:
                 latents = self.diffusion.ddpm_sample(self.dit, shape, cond, uncond, guidance=guidance, steps=s.ddpm_steps, generator=generator, device=self.device)
             return self.from_latents(latents)
+        # Only masking commits codes in an order of its choosing; the other processes redraw every position.
+        ordering = {"choice_temperature": s.choice_temperature, "order": decoding["order"]} if self.cfg.generator.objective == "mask" else {}
         return self.diffusion.sample(self.dit, (n, *self.target.shape), cond, uncond, steps=steps, temperature=temperature,
-                                     guidance=guidance, choice_temperature=s.choice_temperature,
-                                     order=decoding["order"], generator=generator, device=self.device)
+                                     guidance=guidance, generator=generator, device=self.device, **ordering)
 
     def decoding(self) -> dict[str, Any]:
         """Mask-decoding temperature and order for this target (captions have their own)."""
