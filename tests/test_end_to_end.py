@@ -15,7 +15,7 @@ from lit_vqdiff.cli import main
 from lit_vqdiff.config import load_saved
 from lit_vqdiff.data import shapes
 
-MANIFEST_KEYS = {"id", "task", "condition", "attributes", "reference", "source_key", "output"}
+MANIFEST_KEYS = {"id", "task", "condition", "attributes", "reference", "source_key", "label", "output"}
 
 
 @pytest.mark.slow
@@ -67,8 +67,8 @@ def test_tokenizer_generator_sample_eval(shapes_root: Path, tmp_path: Path, caps
     report = json.loads(capsys.readouterr().out)
     scores = report["tasks"]["text->image"]
     assert scores["n"] == 6
-    assert set(scores) == {"n", "n_verified", "exact_match", "shape", "color", "size", "position"}
-    assert all(0.0 <= scores[k] <= 1.0 for k in ("exact_match", "shape", "color", "size", "position"))
+    assert set(scores) == {"n", "n_verified", "exact_match", "acc_shape", "acc_color", "acc_size", "acc_position"}
+    assert all(0.0 <= scores[k] <= 1.0 for k in ("exact_match", "acc_shape", "acc_color", "acc_size", "acc_position"))
 
 
 def test_eval_scores_known_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

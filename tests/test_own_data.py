@@ -75,7 +75,11 @@ def test_pictures_with_captions_at_64_px(photo_folder, tmp_path, capsys):
     assert (stage1.data.image_size, stage1.tokenizer.grid, stage1.tokenizer.patch) == (64, 16, 4)  # 16x16 codes
     run = runs / "latest-stage2"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["data"] == "photos" and summary["eval"]["tasks"]["text->image"]["n"] == 6
+    scores = summary["eval"]["tasks"]["text->image"]
+    assert summary["data"] == "photos" and scores["n"] == 6
+    # real data: a Frechet distance against the held-out references, beside the real-vs-real floor
+    assert scores["fd_inception"] > scores["fd_inception_floor"] >= 0 and 0 <= scores["precision_inception"] <= 1
+    assert "exact_match" not in scores and "unscored" not in scores
     lines = [json.loads(x) for x in (run / "samples" / "manifest.jsonl").read_text().splitlines()]
     assert all("attributes" not in e and e["reference"].startswith("refs/") for e in lines)
     assert all(np.asarray(Image.open(run / "samples" / e["output"])).shape == (64, 64, 3) for e in lines)
@@ -108,6 +112,9 @@ def test_labelled_set_of_ten_classes(tmp_path, capsys):
     assert main(["train", "stage2", *own_stage2(data, runs, "task=class->image")]) == 0
     cfg = load_saved(runs / "latest-stage2" / "config.yaml")
     assert (cfg.data.num_classes, cfg.data.image_size, cfg.data.channels) == (10, 32, 1)  # from dataset.json
+    scores = json.loads((runs / "latest-stage2" / "summary.json").read_text())["eval"]["tasks"]["class->image"]
+    assert 0 <= scores["class_consistency"] <= 1 and 0 <= scores["classifier_val_accuracy"] <= 1
+    assert list((data / "classifier").glob("*.pt"))  # trained once, cached with the data set
     capsys.readouterr()
     out = tmp_path / "by-class"
     assert main(["sample", "--classes", "0,3,spot", "--n", "2", "--out", str(out), "--ckpt", str(runs / "latest-stage2")]) == 0
@@ -152,6 +159,8 @@ def test_sounds_with_captions_at_16_khz(sound_folder, tmp_path, capsys):
     lines = [json.loads(x) for x in (run / "samples" / "manifest.jsonl").read_text().splitlines()]
     wave, rate = sf.read(run / "samples" / lines[0]["output"])
     assert rate == 16000 and wave.shape == (32000,)
+    scores = json.loads((run / "summary.json").read_text())["eval"]["tasks"]["text->audio"]
+    assert scores["fd_aisfx"] >= 0 and "fd_aisfx_floor" in scores
     # audio->text on the same data finds the audio tokenizer trained above: no second stage 1
     before = sorted(p.name for p in runs.iterdir())
     assert main(["train", "stage2", *own_stage2(data, runs, "task=audio->text", "data.audio_samples=32000",

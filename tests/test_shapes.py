@@ -187,3 +187,21 @@ def test_forced_label_keeps_the_jitter_of_seed_and_index():
     assert forced.image.tobytes() == free.image.tobytes() and forced.sound.tobytes() == free.sound.tobytes()
     other = (free.label + 1) % S.NUM_CLASSES
     assert S.make_sample(SEED, 3, label=other).label == other
+
+
+def test_compositional_holdout_is_the_spec_list_and_never_reaches_the_train_stream(tmp_path, tiny_config):
+    shapes = S
+    from lit_vqdiff.data.datamodule import ShardDataModule
+    from lit_vqdiff.data.shards import write_shapes_set
+
+    assert shapes.HELDOUT_LABELS == (0, 11, 13, 21, 28, 30, 41, 43, 50, 58, 60, 71)
+    pairs = {(shapes.attributes_of(k).shape, shapes.attributes_of(k).color) for k in shapes.HELDOUT_LABELS}
+    assert len(pairs) == 12  # one combination per shape-colour pair: every pair and value still trains
+    out = tmp_path / "shapes-v1-compositional"
+    write_shapes_set(out, 720, 360, 0, 1, 90, holdout="compositional")
+    dm = ShardDataModule(tiny_config(out, batch_size=64), ("class",))
+    train = [int(label) for batch in dm.train_dataloader() for label in batch["label"]]
+    assert len(train) == 720 and not set(train) & set(shapes.HELDOUT_LABELS)
+    assert len(set(train)) == 60  # the other 60 all occur
+    val = [int(label) for batch in dm.val_dataloader() for label in batch["label"]]
+    assert set(shapes.HELDOUT_LABELS) <= set(val)  # val keeps them, to be scored

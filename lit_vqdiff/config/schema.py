@@ -29,6 +29,7 @@ class ShapesConfig:
     train_seed: int = 0  # seed of the train split
     val_seed: int = 1  # seed of the val split
     shard_size: int = 2000  # samples per shard
+    holdout: str = "none"  # none | compositional (12 attribute combinations never in train; renders into <root>-compositional)
 
 
 @dataclass
@@ -251,6 +252,7 @@ SCHEMAS: dict[str, type] = {"stage1": Stage1Config, "stage2": Stage2Config}
 CHOICES: dict[str, tuple[str, ...]] = {
     "modality": ("image", "audio"),
     "data.mode": ("exact", "resampled"),
+    "data.shapes.holdout": ("none", "compositional"),
     "tokenizer.frontend": ("pixels", "wave", "spectrogram"),
     "tokenizer.recon_loss": ("l1", "l2"),
     "tokenizer.quantizer.kind": ("vq", "rvq", "fsq"),

@@ -133,7 +133,7 @@ def _write_shapes(args: argparse.Namespace) -> int:
     try:
         sizes = write_shapes_set(
             out, s.train_samples, s.val_samples, s.train_seed, s.val_seed, args.shard_size or s.shard_size,
-            overwrite=args.overwrite, progress=not args.no_progress,
+            overwrite=args.overwrite, progress=not args.no_progress, holdout=s.holdout,
         )
     except ValueError as err:  # bad counts or seeds in the config
         raise sources.SourceError(str(err)) from None

@@ -172,9 +172,10 @@ def read_description(location: Path | str) -> dict[str, Any] | None:
     return description
 
 
-def shapes_description(train_samples: int, val_samples: int) -> dict[str, Any]:
+def shapes_description(train_samples: int, val_samples: int, holdout: str = "none") -> dict[str, Any]:
     """What a shapes-v1 set of these sizes describes itself as, known before it is rendered."""
-    describer = Describer(shapes.NAME, class_names=shapes.class_names())
+    name = shapes.NAME if holdout == "none" else f"{shapes.NAME}-{holdout}"
+    describer = Describer(name, class_names=shapes.class_names())
     # Every class once: the same sizes, rates, lengths, caption bytes and classes as the full set.
     for label in range(shapes.NUM_CLASSES):
         describer.add(shapes.members(shapes.make_sample(0, label, label=label)))

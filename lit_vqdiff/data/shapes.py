@@ -143,13 +143,30 @@ class Sample:
         return self.attributes.label
 
 
-def make_sample(seed: int, index: int, label: int | None = None) -> Sample:
+def heldout_labels() -> tuple[int, ...]:
+    """The compositional hold-out: one combination per shape-colour pair, with size
+    (shape + colour) mod 2 and position (shape + 2 colour) mod 3 (indices in spec order)."""
+    labels = []
+    for s in range(len(SHAPES)):
+        for c in range(len(COLORS)):
+            attrs = Attributes(SHAPES[s], COLORS[c], SIZES[(s + c) % 2], POSITIONS[(s + 2 * c) % 3])
+            labels.append(label_of(attrs))
+    return tuple(sorted(labels))
+
+
+HELDOUT_LABELS = heldout_labels()
+HOLDOUTS = {"none": (), "compositional": HELDOUT_LABELS}  # data.shapes.holdout -> labels never in train
+
+
+def make_sample(seed: int, index: int, label: int | None = None, excluded: tuple[int, ...] = ()) -> Sample:
     """Sample ``index`` of the stream with ``seed``; a pure function of its arguments.
 
-    ``label`` forces the attributes (the jitter still comes from (seed, index)).
+    ``label`` forces the attributes (the jitter still comes from (seed, index));
+    ``excluded`` labels are never drawn (the same stream without them: a hold-out).
     """
     rng = np.random.default_rng([int(seed), int(index)])
-    drawn = int(rng.integers(NUM_CLASSES))
+    allowed = [k for k in range(NUM_CLASSES) if k not in excluded] if excluded else None
+    drawn = int(rng.integers(NUM_CLASSES)) if allowed is None else allowed[int(rng.integers(len(allowed)))]
     attrs = attributes_of(drawn if label is None else label)
     cx = CENTER_X[attrs.position] + rng.uniform(-JITTER_X, JITTER_X)
     cy = CENTER_Y + rng.uniform(-JITTER_Y, JITTER_Y)

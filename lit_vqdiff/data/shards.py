@@ -224,33 +224,42 @@ def write_split(
 
 def write_shapes(
     out_dir: Path | str, split: str, seed: int, count: int, shard_size: int, describer: Describer | None = None,
-    progress: bool = False,
+    progress: bool = False, excluded: tuple[int, ...] = (),
 ) -> dict[str, int]:
-    """Render ``count`` shapes-v1 samples with ``seed`` into ``<split>-NNNNNN.tar`` shards."""
+    """Render ``count`` shapes-v1 samples with ``seed`` (no ``excluded`` labels) into ``<split>-NNNNNN.tar`` shards."""
     indices: Iterable[int] = range(count)
     if progress:
         indices = tqdm(indices, desc=f"shapes-v1 {split}", unit="sample", leave=False)
     with ShardWriter(out_dir, split, shard_size, describer) as writer:
         for i in indices:
-            writer.write(f"{split}-{seed:04d}-{i:07d}", shapes.members(shapes.make_sample(seed, i)))
+            writer.write(f"{split}-{seed:04d}-{i:07d}", shapes.members(shapes.make_sample(seed, i, excluded=excluded)))
     return writer.sizes
 
 
 def write_shapes_set(
     out_dir: Path | str, train_samples: int, val_samples: int, train_seed: int, val_seed: int, shard_size: int,
-    overwrite: bool = False, progress: bool = False,
+    overwrite: bool = False, progress: bool = False, holdout: str = "none",
 ) -> dict[str, int] | None:
-    """shapes-v1 train and val splits from disjoint seeds, published as one set (see ``write_set``)."""
+    """shapes-v1 train and val splits from disjoint seeds, published as one set (see ``write_set``).
+
+    ``holdout`` (a key of ``shapes.HOLDOUTS``) removes its combinations from train only:
+    val keeps all 72, so that they can be scored.
+    """
     if train_seed == val_seed:
         raise ValueError(f"train_seed and val_seed must differ (both {train_seed}): the splits would hold the same samples")
     if train_samples <= 0 or val_samples < 0:
         raise ValueError(f"need train_samples > 0 and val_samples >= 0, got {train_samples} and {val_samples}")
+    if holdout not in shapes.HOLDOUTS:
+        raise ValueError(f"holdout must be one of {list(shapes.HOLDOUTS)}, got {holdout!r}")
     params = {"source": shapes.NAME, "train_samples": train_samples, "val_samples": val_samples,
               "train_seed": train_seed, "val_seed": val_seed, "shard_size": shard_size}
+    if holdout != "none":
+        params["holdout"] = holdout  # absent otherwise: sets written before hold-outs existed stay up to date
 
     def fill(stage: Path, describer: Describer) -> dict[str, Any]:
-        write_shapes(stage, "train", train_seed, train_samples, shard_size, describer, progress)
+        write_shapes(stage, "train", train_seed, train_samples, shard_size, describer, progress, shapes.HOLDOUTS[holdout])
         write_shapes(stage, "val", val_seed, val_samples, shard_size, describer, progress)
         return {}
 
-    return write_set(out_dir, params, fill, shapes.NAME, shapes.class_names(), overwrite)
+    name = shapes.NAME if holdout == "none" else f"{shapes.NAME}-{holdout}"  # another data set: its own tokenizers
+    return write_set(out_dir, params, fill, name, shapes.class_names(), overwrite)

@@ -48,7 +48,7 @@ class ClassifierSettings:
     widths: tuple[int, ...] = (32, 64, 128)  # channels of the stem and of the stages after it
     epochs: int = 2
     batch_size: int = 256
-    lr: float = 3e-3  # peak of the one-cycle schedule (AdamW)
+    lr: float = 5e-3  # peak of the one-cycle schedule (AdamW)
     weight_decay: float = 1e-4
     seed: int = 0
 
@@ -126,12 +126,14 @@ def train(data: ShardDataModule, settings: ClassifierSettings) -> SmallCNN:
         data.set_epoch(epoch)
         for batch in data.train_dataloader():
             valid = batch["valid"]
+            if not valid.any():  # a batch of padding repeats only
+                continue
             loss = F.cross_entropy(model(batch["image"][valid]), batch["label"][valid])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-        log.info("classifier epoch %d/%d: last loss %.4f", epoch + 1, settings.epochs, float(loss.detach()))
+        log.info("classifier epoch %d/%d done", epoch + 1, settings.epochs)
     return model.eval()
 
 
@@ -214,7 +216,7 @@ def picture_input(picture: np.ndarray, image_size: int, channels: int) -> Tensor
         raise ValueError(f"pictures must be uint8 (H, W) or (H, W, C), got {array.dtype} {array.shape}")
     array = array[..., None] if array.ndim == 2 else array
     if array.shape == (image_size, image_size, channels):
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        return torch.from_numpy(np.array(array)).permute(2, 0, 1).float().div(127.5).sub(1.0)  # a writable copy
     # Other sizes or colours go the way training pictures went: crop, resize, convert as decoding does.
     return decode_image(encode_png(array), image_size, channels)
 

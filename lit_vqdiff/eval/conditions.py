@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -40,6 +40,7 @@ class Condition:
     reference: dict[str, bytes] | None = None  # the held-out sample's members, when it came from one
     attributes: dict[str, str] | None = None  # shapes-v1 attributes, when the sample had them
     file: tuple[str, bytes] | None = None  # (extension, bytes) of a conditioning file to keep beside the outputs
+    label: int | None = None  # the class the condition names or its sample belongs to (labelled data)
 
 
 @dataclass
@@ -90,6 +91,13 @@ def condition_entry(modality: Modality, members: Mapping[str, bytes], names: Seq
     return {}, (ext, members[ext])
 
 
+def _label(members: Mapping[str, bytes]) -> int | None:
+    try:
+        return int(members["cls"].decode("ascii").strip()) if "cls" in members else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 def _attributes(members: Mapping[str, bytes]) -> dict[str, str] | None:
     try:
         meta = json.loads(members["json"]) if "json" in members else None
@@ -100,25 +108,52 @@ def _attributes(members: Mapping[str, bytes]) -> dict[str, str] | None:
     return {k: meta[k] for k in shapes.ATTRIBUTES}
 
 
-def from_val_shards(data: Any, task: Task, n: int, description: Mapping[str, Any] | None = None) -> Conditions:
-    """The first ``n`` held-out samples (in shard order) that carry the task's source and target."""
+def from_val_shards(data: Any, task: Task, n: int, description: Mapping[str, Any] | None = None,
+                    labels: Sequence[int] | None = None) -> Conditions:
+    """The first ``n`` held-out samples (in shard order) that carry the task's source and target
+    (and, with ``labels``, belong to one of those classes)."""
     names = class_names(description, int(data.num_classes or 0))
-    out = Conditions("val shards")
-    for shard in resolve_shards(str(data.val), str(data.root), "val", str(data.sizes)):
-        for item in read_shard(shard, 0, None, True):
-            if not isinstance(item, RawSample):
-                continue
-            members = item.members
-            if not (task.source.present(members) and task.target.present(members)):
-                continue
-            entry, file = condition_entry(task.source, members, names)
-            out.items.append(Condition(members, entry, item.key, reference=members, attributes=_attributes(members), file=file))
-            if len(out) >= n:
-                return out
+    out = Conditions("val shards" if labels is None else f"val shards of classes {list(labels)}")
+    for members, key in samples_of(data, "val"):
+        if not (task.source.present(members) and task.target.present(members)):
+            continue
+        if labels is not None and _label(members) not in labels:
+            continue
+        entry, file = condition_entry(task.source, members, names)
+        out.items.append(Condition(members, entry, key, reference=members, attributes=_attributes(members),
+                                   file=file, label=_label(members)))
+        if len(out) >= n:
+            return out
     if not out.items:
         raise ValueError(f"no val sample of {data.root} carries both {task.source.name} and {task.target.name}; "
                          f"pass conditions with --prompt/--prompts/--inputs/--classes")
     return out
+
+
+def samples_of(data: Any, split: str) -> Iterator[tuple[dict[str, bytes], str]]:
+    """(members, key) of every readable sample of a split, in shard order."""
+    for shard in resolve_shards(str(getattr(data, split)), str(data.root), split, str(data.sizes)):
+        for item in read_shard(shard, 0, None, True):
+            if isinstance(item, RawSample):
+                yield item.members, item.key
+
+
+def real_items(data: Any, split: str, modality: Modality, spec: DecodeSpec, n: int) -> list[Any]:
+    """The first ``n`` items of ``modality`` in a split, decoded at the run's sizes (e.g. train
+    pictures for the real-vs-real floor of a Frechet distance)."""
+    one = DecodeSpec(**{**spec.__dict__, "modalities": (modality.name,)})
+    items: list[Any] = []
+    for members, _ in samples_of(data, split):
+        if len(items) >= n:
+            break
+        if not modality.present(members):
+            continue
+        try:
+            value = decode_sample(members, one)[modality.batch_key]
+        except SampleError:
+            continue
+        items.append(text_of(members) if modality.name == "text" else modality.items(value[None])[0])
+    return items
 
 
 def from_prompts(prompts: Sequence[str]) -> Conditions:
@@ -188,7 +223,8 @@ def from_classes(spec: str, num_classes: int, description: Mapping[str, Any] | N
         label = int(token) if token.isdigit() else lookup.get(token.lower())
         if label is None or not 0 <= label < num_classes:
             raise ValueError(f"--classes: {token!r} is not a class of this data set (ids 0..{num_classes - 1} or names {names[:10]})")
-        out.items.append(Condition({"cls": str(label).encode()}, {"label": label, "name": names[label]}, f"class-{i:06d}"))
+        out.items.append(Condition({"cls": str(label).encode()}, {"label": label, "name": names[label]}, f"class-{i:06d}",
+                                   label=label))
     if not out.items:
         raise ValueError("--classes: no class given")
     return out

@@ -2,11 +2,10 @@
 
 Reads ``DIR/manifest.jsonl`` (one object per sample: id, task, condition, output, and
 ``attributes`` when the condition came from shapes-v1, ``reference`` when it came from a
-held-out sample) and reports, per task:
-
-- on entries with shapes-v1 attributes: exact match and per-attribute accuracy, read back
-  by the analytic verifier;
-- on text outputs with a reference caption: exact match and character error rate.
+held-out sample, ``label`` when its class is known) and ``DIR/samples.json`` (the data set
+it was drawn from), and reports per task what ``scoring.Scorer`` measures: shapes-v1 exact
+match, caption error rates, Frechet distance with precision and recall beside the
+real-vs-real floor, class consistency beside the classifier's own accuracy.
 """
 
 from __future__ import annotations
@@ -14,12 +13,18 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from omegaconf import OmegaConf
+
+from ..config import DataConfig
 from ..data import shapes
-from ..modalities import MODALITIES, parse_task
-from . import metrics
-from . import shapes as shapes_verifier
+from ..data.description import is_shapes
+from ..data.prepare import load_description
+from ..modalities import MODALITIES, DecodeSpec, parse_task
+from .classifier import data_classifier
+from .conditions import real_items
+from .scoring import Scorer
 
 MANIFEST = "manifest.jsonl"
 SAMPLES_INFO = "samples.json"  # what a sample folder was drawn with: data set, checkpoint, settings
@@ -56,32 +61,33 @@ def read_item(directory: Path, name: str, modality: str) -> Any:
     return MODALITIES[modality].read(path)
 
 
-def sample_rate_of(directory: Path) -> int:
-    info_path = directory / SAMPLES_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    return int(info.get("sample_rate") or shapes.SAMPLE_RATE)
+def samples_info(directory: Path) -> dict[str, Any]:
+    """What the folder was sampled with (``samples.json``: data set, sizes); empty for hand-made folders."""
+    path = directory / SAMPLES_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def score_items(target: str, items: Sequence[Any], attributes: Sequence[dict | None], references: Sequence[Any | None],
-                sample_rate: int) -> dict[str, float]:
-    """Scores of generated items of one target modality: by the shapes-v1 verifier where a
-    condition carries attributes, against reference captions for text."""
-    scores: dict[str, float] = {}
-    verified = [(item, attrs) for item, attrs in zip(items, attributes) if attrs]
-    if verified:
-        readings = shapes_verifier.read_items(target, [item for item, _ in verified], sample_rate)
-        result = shapes_verifier.score(readings, [attrs for _, attrs in verified])
-        scores.update({k: v for k, v in result.items() if k != "n"})
-        scores["n_verified"] = result["n"]
-    paired = [(item, ref) for item, ref in zip(items, references) if ref is not None]
-    if target == "text" and paired:
-        scores.update(metrics.text_scores([h for h, _ in paired], [r for _, r in paired]))
-        scores["n_referenced"] = len(paired)
-    return scores
+def scorer_for(task: str, info: dict[str, Any], n: int, labelled: bool) -> Scorer:
+    """The scorer of one task's samples: real-data metrics when the folder names a data set other
+    than shapes-v1, its floor from that data set's train split, its classifier for labelled pictures."""
+    target = parse_task(task).target
+    data = info.get("data")
+    if not data:
+        return Scorer(target.name, shapes.SAMPLE_RATE)
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig), data)
+    spec = DecodeSpec.from_config(data, (target.name,))
+    description, _ = load_description(data)
+    real = not is_shapes(description)
+    second = real_items(data, "train", target, spec, n) if real and target.name in ("image", "audio") else None
+    classifier = None
+    if real and labelled and target.name == "image" and (description or {}).get("classes"):
+        classifier = data_classifier(data.root)
+    return Scorer(target.name, spec.sample_rate, real=real, second_real=second, classifier=classifier,
+                  holdout=data.shapes.holdout != "none")
 
 
 def evaluate_dir(directory: Path | str) -> dict[str, Any]:
-    """Per-task scores of a sample folder, plus how many entries nothing could score."""
+    """Per-task scores of a sample folder (see the module docstring), plus how many entries nothing could score."""
     directory = Path(directory)
     groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for entry in read_manifest(directory):
@@ -96,14 +102,17 @@ def evaluate_dir(directory: Path | str) -> dict[str, Any]:
         group["attributes"].append(attrs)
         reference = entry.get("reference")
         group["references"].append(read_item(directory, reference, target) if reference else None)
+        group["labels"].append(entry.get("label"))
+    info = samples_info(directory)
     report: dict[str, Any] = {"dir": str(directory), "tasks": {}}
-    rate = sample_rate_of(directory)
     for task, group in sorted(groups.items()):
-        target = parse_task(task).target.name
-        scores: dict[str, Any] = {"n": len(group["items"])}
-        scores.update(score_items(target, group["items"], group["attributes"], group["references"], rate))
-        scored = max(scores.get("n_verified", 0), scores.get("n_referenced", 0))
-        if scored < scores["n"]:
-            scores["unscored"] = scores["n"] - scored
+        n = len(group["items"])
+        scorer = scorer_for(task, info, n, labelled=any(label is not None for label in group["labels"]))
+        scores: dict[str, Any] = {"n": n}
+        scores.update(scorer.score(group["items"], group["attributes"], group["references"], group["labels"]))
+        scored = max(scores.get("n_verified", 0), scores.get("n_referenced", 0),
+                     n if any(k.startswith(("fd_", "class_consistency")) for k in scores) else 0)
+        if scored < n:
+            scores["unscored"] = n - scored
         report["tasks"][task] = scores
     return report

@@ -1,12 +1,13 @@
 """Distribution metrics of generated pictures and sounds against real ones, in pretrained feature spaces.
 
-Pictures are embedded with the FID Inception-v3 (``nn.inception``, 2048-d pool3), sounds
+Pictures are embedded with TF's Inception-v3 (``nn.inception``, 2048-d pool3), sounds
 with the aiSFX sound-effects CNN (``nn.audio_features``, 512-d). In a feature space:
 
 - ``fd``: the Frechet distance between Gaussians fitted to the two feature sets, computed
   by torchmetrics (its FrechetInceptionDistance over a pass-through ``feature`` module, in
-  float64). Keys name the space: ``fd_inception`` is what papers call FID only when it is
-  measured on their reference set at their sample count; ``fd_aisfx`` for sounds.
+  float64). Keys name the space, ``fd_inception`` and ``fd_aisfx``: published image numbers
+  use the same Inception network, but compare with ours only on their reference set at
+  their sample count.
 - ``precision`` / ``recall``: improved precision and recall (Kynkaanniemi et al. 2019). Each
   set spans a manifold of balls around its points, radius the distance to the point's k-th
   nearest neighbour in its own set (k = 3). Precision is the share of generated points
@@ -30,8 +31,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ..nn.audio_features import audio_features
+from ..nn.inception import inception_features
+
 K = 3
 SPACES = {"image": "inception", "audio": "aisfx"}  # modality -> feature space, as named in keys
+SCORES = ("fd", "precision", "recall")  # the keys that name their feature space
 ROWS = 1024  # distance rows computed at once
 
 
@@ -59,7 +64,7 @@ def shared_span(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
 
     A rotation restricted to a subspace holding both means and both covariances' column
     spaces leaves the Frechet distance unchanged; with fewer points than dimensions it turns
-    torchmetrics' D x D eigenproblem (minutes at D = 2048 on a small CPU) into an
+    torchmetrics' D x D eigenproblem (D = 2048 for Inception: slow on a CPU) into an
     (n_real + n_fake)-sized one.
     """
     real, fake = real.double(), fake.double()
@@ -81,23 +86,27 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
 
 
 def distances(a: Tensor, b: Tensor) -> Tensor:
-    """(len(a), len(b)) Euclidean distances, float64, in row chunks."""
-    a, b = a.double(), b.double()
-    return torch.cat([torch.cdist(a[i : i + ROWS], b) for i in range(0, len(a), ROWS)])
+    """(len(a), len(b)) Euclidean distances in float64."""
+    return torch.cdist(a.double(), b.double())
 
 
 def knn_radii(features: Tensor, k: int = K) -> Tensor:
     """Distance from each point to its k-th nearest neighbour in its own set (itself excluded)."""
     if len(features) <= k:
         raise ValueError(f"k={k} nearest neighbours need more than {k} items, got {len(features)}")
-    d = distances(features, features)
-    d.fill_diagonal_(0.0)  # itself, at distance 0, is the first of the k + 1 smallest
-    return d.kthvalue(k + 1, dim=1).values
+    radii = []
+    for start in range(0, len(features), ROWS):
+        d = distances(features[start : start + ROWS], features)
+        rows = torch.arange(len(d))
+        d[rows, rows + start] = 0.0  # itself, exactly 0, is the first of the k + 1 smallest
+        radii.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
 
 
 def manifold_share(points: Tensor, manifold: Tensor, radii: Tensor) -> float:
     """Share of ``points`` inside at least one ball (centre in ``manifold``, radius in ``radii``)."""
-    inside = [(distances(points[i : i + ROWS], manifold) <= radii[None]).any(dim=1) for i in range(0, len(points), ROWS)]
+    inside = [(distances(points[i : i + ROWS], manifold) <= radii[None]).any(dim=1)
+              for i in range(0, len(points), ROWS)]
     return float(torch.cat(inside).double().mean())
 
 
@@ -119,14 +128,10 @@ def feature_scores(real: Tensor, fake: Tensor, k: int = K) -> dict[str, float | 
 def features_of(items: Sequence[Any], modality: str, sample_rate: int | None = None) -> Tensor:
     """Features of pictures (uint8 (H, W, C)) or sounds (float (T,) at ``sample_rate``) in the modality's space."""
     if modality == "image":
-        from ..nn.inception import inception_features
-
         return inception_features(items)
     if modality == "audio":
         if not sample_rate:
             raise ValueError("sounds need their sample_rate to be embedded")
-        from ..nn.audio_features import audio_features
-
         return audio_features(items, sample_rate)
     raise ValueError(f"no feature space for modality {modality!r}; expected one of {sorted(SPACES)}")
 
@@ -134,13 +139,15 @@ def features_of(items: Sequence[Any], modality: str, sample_rate: int | None = N
 def item_scores(generated: Sequence[Any], reference: Sequence[Any], modality: str, sample_rate: int | None = None,
                 k: int = K) -> dict[str, float | int]:
     """{"fd", "precision", "recall", "n", "n_reference"} of generated items against real reference items."""
-    return feature_scores(features_of(reference, modality, sample_rate), features_of(generated, modality, sample_rate), k)
+    real = features_of(reference, modality, sample_rate)
+    return feature_scores(real, features_of(generated, modality, sample_rate), k)
 
 
 def first_n(second_real: Sequence[Any], n: int) -> list[Any]:
     """The first ``n`` items of a second real set: the floor is measured at the generated count."""
     if len(second_real) < n:
-        raise ValueError(f"the floor needs {n} items of a second real set (as many as were generated), got {len(second_real)}")
+        raise ValueError(f"the floor needs {n} items of a second real set (as many as were generated), "
+                         f"got {len(second_real)}")
     return list(second_real[:n])
 
 
@@ -153,8 +160,7 @@ def floor_scores(second_real: Sequence[Any], reference: Sequence[Any], modality:
 def named(scores: dict[str, float | int], modality: str, suffix: str = "") -> dict[str, float | int]:
     """Scores with the feature space in their names: fd -> fd_inception (plus ``suffix``, e.g. "_floor")."""
     space = SPACES[modality]
-    return {(f"{key}_{space}{suffix}" if key in ("fd", "precision", "recall") else f"{key}{suffix}"): value
-            for key, value in scores.items()}
+    return {(f"{key}_{space}{suffix}" if key in SCORES else f"{key}{suffix}"): value for key, value in scores.items()}
 
 
 def report(generated: Sequence[Any], reference: Sequence[Any], modality: str, sample_rate: int | None = None,
@@ -164,6 +170,7 @@ def report(generated: Sequence[Any], reference: Sequence[Any], modality: str, sa
     reference_features = features_of(reference, modality, sample_rate)
     out = named(feature_scores(reference_features, features_of(generated, modality, sample_rate), k), modality)
     if second_real is not None:
-        floor = feature_scores(reference_features, features_of(first_n(second_real, len(generated)), modality, sample_rate), k)
-        out |= {key: value for key, value in named(floor, modality, "_floor").items() if key.startswith(("fd", "precision", "recall"))}
+        second = features_of(first_n(second_real, len(generated)), modality, sample_rate)
+        floor = feature_scores(reference_features, second, k)
+        out |= named({key: floor[key] for key in SCORES}, modality, "_floor")
     return out

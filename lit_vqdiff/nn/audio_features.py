@@ -197,7 +197,7 @@ def default_sfx_embedding() -> SfxEmbedding:
 
 def sound_blocks(wave: np.ndarray | Tensor, sample_rate: int) -> Tensor:
     """One sound (T,) at ``sample_rate`` -> its (blocks, 100, 96) network input."""
-    wave = torch.as_tensor(np.asarray(wave, dtype=np.float32))
+    wave = torch.from_numpy(np.array(wave, dtype=np.float32))  # a copy: the caller's array may be read-only
     if wave.dim() != 1 or wave.numel() == 0:
         raise ValueError(f"a sound must be a non-empty (T,) waveform, got shape {tuple(wave.shape)}")
     if not torch.isfinite(wave).all():

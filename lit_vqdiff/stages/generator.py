@@ -7,7 +7,7 @@ codes behind masked ones (mask), behind uniformly resampled ones (uniform, D3PM)
 (mask_replace, VQ-Diffusion), or noise/velocity regression on normalized code vectors
 (gaussian). Validation measures the loss and, when the run hands it held-out
 conditions (``validation_set``), samples them with the EMA weights and scores the
-outputs as `eval` does (``eval.evaluate.score_items``), plus media of what it generated.
+outputs as `eval` does (``eval.scoring.Scorer``), plus media of what it generated.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..diffusion.mask_replace import MaskReplaceDiffusion
 from ..diffusion.masked import MaskedDiffusion
 from ..diffusion.uniform import UniformDiffusion
 from ..eval.conditions import Conditions, decoded_reference
-from ..eval.evaluate import score_items
+from ..eval.scoring import Scorer
 from ..modalities import DecodeSpec, parse_task
 from ..nn.conditions import drop_mask
 from ..nn.dit import Condition, DiT, trunk_size
@@ -88,6 +88,7 @@ class GeneratorModule(StageModule):
             self.cond_encoder.compile()
         self.val_loss = MeanMetric()
         self.validation_set: Conditions | None = None  # held-out conditions every validation samples
+        self.scorer: Scorer | None = None  # how validation scores them (default: shapes-v1 attributes, captions)
         self._val_scores: dict[str, float] | None = None
 
     def load_tokenizers(self, tokenizers: dict[str, Tokenizer]) -> None:
@@ -195,12 +196,11 @@ class GeneratorModule(StageModule):
         generator = torch.Generator(self.device).manual_seed(self.cfg.run.seed)
         items = self.sample_items(conditions, generator=generator)
         target = self.task.target
+        scorer = self.scorer or Scorer(target.name, self.spec.sample_rate)
         references = [decoded_reference(target, c, self.spec) for c in conditions.items]
-        scores = score_items(target.name, items, [c.attributes for c in conditions.items], references, self.spec.sample_rate)
+        scores = scorer.score(items, [c.attributes for c in conditions.items], references, [c.label for c in conditions.items])
         self.media.update(target.media(items, self.spec, "val/samples"))
-        # Per attribute as val/acc_<attribute>, beside val/exact_match.
-        return {(k if k in ("exact_match", "cer", "reference_exact_match") else f"acc_{k}"): v
-                for k, v in scores.items() if not k.startswith("n_")}
+        return {k: float(v) for k, v in scores.items() if k != "n" and not k.startswith("n_")}  # counts are not metrics
 
     def on_validation_epoch_end(self) -> None:
         logs = {"val/loss": self.val_loss.compute()}
