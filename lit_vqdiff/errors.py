@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class ConfigError(ValueError):
     """A configuration problem a user can fix; the CLI prints it and exits with status 2."""
@@ -33,3 +35,47 @@ class SampleError(Exception):
             raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+# Exit statuses of a run stopped by a signal, once what it can go on from is saved: a
+# scheduler's or tool's request (SIGTERM: `timeout`, `scancel`, a pod stop; SIGUSR1: SLURM's
+# warning before the time limit) ends cleanly, as a requeue expects; Ctrl-C (SIGINT) ends
+# with the shell's 128 + 2, so that `make` and `&&` chains stop there.
+STOP_STATUS = {"SIGTERM": 0, "SIGUSR1": 0, "SIGINT": 130}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Stopped(SystemExit):
+    """A run told to stop by a signal; ``code`` is its exit status (``STOP_STATUS``) and
+    ``message`` one line saying what was kept and how to go on.
+
+    ``where`` names the phase it stopped in when that is not a training step, ``again`` a
+    second Ctrl-C that did not wait for the step to end.
+    """
+
+    def __init__(self, signame: str, message: str = "", *, where: str = "", again: bool = False):
+        super().__init__(STOP_STATUS.get(signame, 1))
+        self.signame, self.where, self.again = signame, where, again
+        self.message = message or " ".join(filter(None, [self.cause, where]))
+
+    @property
+    def cause(self) -> str:
+        return f"stopped by {'a second ' if self.again else ''}{self.signame}"
+
+    def during(self, what: str, outcome: str) -> "Stopped":
+        """The same stop, its message naming the phase it ended (``what``) and what that left."""
+        return Stopped(self.signame, f"{self.cause} {what}: {outcome}", where=what, again=self.again)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TrainingFailed(RuntimeError):
+    """A run that could not go on (a data loader worker died, a checkpoint could not be
+    written, too much bad data); the message names the cause, the checkpoint a resume
+    starts from, and the command. The CLI prints it and exits with status 1."""
+
+
+class RankZeroFailed(RuntimeError):
+    """The rank that builds something every rank needs (the token cache, shapes-v1) failed;
+    the others stop at once with its error instead of waiting for their deadline."""

@@ -22,24 +22,31 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import runs
+from . import runs, training
 from .artifact import load_tokenizer, read_artifact, save_artifact
-from .callbacks import EMAWeights, load_checkpoint_file
+from .callbacks import EMAWeights, load_checkpoint_file, stop_on_signals
 from .config import ConfigError, Stage2Config, apply_overrides, load_config, override, saved_config
 from .data.datamodule import ShardDataModule
 from .data.description import is_shapes, resolve_data
-from .data.prepare import ensure_dataset, load_description
+from .data.prepare import ensure_dataset, holdout_root, load_description, reported_to_waiters, wait_for_rank_zero
 from .data.tokens import build_cache, check_cache, data_fingerprint, default_cache_dir
-from .eval.conditions import Conditions, decoded_reference, from_classes, from_inputs, from_prompts, from_val_shards
+from .errors import Stopped
+from .eval.classifier import data_classifier
+from .eval.conditions import Conditions, decoded_reference, from_classes, from_inputs, from_prompts, from_val_shards, real_items
 from .eval.evaluate import MANIFEST, SAMPLES_INFO, evaluate_dir
-from .modalities import MODALITIES, parse_task
+from .eval.frechet import SPACES
+from .eval.scoring import HOLDOUT_LABELS, Scorer
+from .modalities import MODALITIES, DecodeSpec, parse_task
 from .modalities.text import sentence_encoder_checksum
 from .nn.tokenizer import Tokenizer
 from .stages.generator import GeneratorModule
 from .stages.tokenizer import TokenizerModule
+from .progress import progress
+from .loggers import artifact_name, close_loggers, declare_input, log_artifact, log_summary
 from .training import fit, run_figures
 
 # What a stage-2 run hands to a stage-1 run it starts. Precision is not handed over: each
@@ -88,10 +95,16 @@ def resolve(cfg: DictConfig) -> Plan:
         description, where = load_description(cfg.data)
     except FileNotFoundError as err:  # data.train names shards that are not there
         raise ConfigError(str(err)) from None
-    if description is None and not cfg.data.train and not list(Path(cfg.data.root).glob("*.tar")):
-        raise ConfigError(f"data.root={cfg.data.root}: no shards there; write them first (`lit-vqdiff shards write "
-                          f"images|sounds|mnist|fashion --out {cfg.data.root}`) or set data.train/data.val")
-    resolve_data(cfg.data, description, _needs(cfg), where)
+    if holdout_root(cfg.data) != cfg.data.root:
+        cfg.data.root = holdout_root(cfg.data)
+        description, where = load_description(cfg.data)
+    try:
+        resolve_data(cfg.data, description, _needs(cfg), where)
+    except ConfigError:
+        if description is None and not cfg.data.train and not list(Path(cfg.data.root).glob("*.tar")):
+            raise ConfigError(f"data.root={cfg.data.root}: no shards there; write them first (`lit-vqdiff shards write "
+                              f"images|sounds|mnist|fashion --out {cfg.data.root}`) or set data.train/data.val") from None
+        raise
     if cfg.stage == "stage1":
         resolve_tokenizer(cfg)
     return Plan(cfg, description, where)
@@ -105,6 +118,9 @@ def plan(cfg: DictConfig) -> Plan:
     if cfg.stage == "stage1":
         _check_builds(lambda: TokenizerModule(cfg), "the tokenizer")
         return result
+    if not cfg.logger.group:
+        # One W&B group for this pipeline: the stage-1 runs it starts inherit it.
+        cfg.logger.group = artifact_name("pipeline", str(cfg.data.name), cfg.task.replace("->", "-to-"), time.strftime("%Y%m%d-%H%M%S"))
     specs: dict[str, dict[str, Any]] = {}
     for modality in parse_task(cfg.task).tokenized:
         specs[modality] = _plan_tokenizer(result, modality)
@@ -253,13 +269,30 @@ def stage1_overrides(cfg: DictConfig, modality: str) -> list[str]:
 
 
 def train(cfg: DictConfig) -> Path:
-    """`lit-vqdiff train stage1|stage2`: plan, then train the stage ``cfg.stage`` names; returns the run folder."""
+    """`lit-vqdiff train stage1|stage2`: plan, then train the stage ``cfg.stage`` names; returns the run folder.
+
+    A stop signal anywhere (see ``callbacks.stop_on_signals``) raises ``Stopped`` with a
+    message that says what was kept and which command goes on from there.
+    """
     planned = plan(cfg)
     # Seeded before any module is built: its initial weights are part of a reproducible run.
     L.seed_everything(planned.cfg.run.seed, workers=True, verbose=False)
-    if planned.cfg.stage == "stage1":
-        return train_stage1(planned)
-    return train_stage2(planned)
+    stage = planned.cfg.stage
+    training.completed_fit = None
+    with stop_on_signals():
+        try:
+            return train_stage1(planned) if stage == "stage1" else train_stage2(planned)
+        except Stopped as stop:
+            done = training.completed_fit
+            if done is None or done[0] != stage:
+                raise
+            # Stopped after its training (export, sampling, evaluation): that part is saved.
+            finish = f"`lit-vqdiff train {stage} run.dir={done[1]}` finishes the rest"
+            if stop.where:
+                message = f"{stop.message}; the training itself is complete and saved: {finish}"
+            else:
+                message = f"{stop.cause} after the training: it is complete and saved: {finish}"
+            raise Stopped(stop.signame, message, where=stop.where or "after the training", again=stop.again) from None
 
 
 def train_stage1(planned: Plan) -> Path:
@@ -269,19 +302,76 @@ def train_stage1(planned: Plan) -> Path:
     run_dir, resume = runs.resolve_run(cfg)
     module = TokenizerModule(cfg, verifier=planned.shapes)
     datamodule = ShardDataModule(cfg.data, (cfg.modality,), seed=cfg.run.seed)
-    trainer = fit(cfg, module, datamodule, run_dir, resume)
-    if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not runs.is_global_zero():
-        return run_dir
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    export_tokenizer(cfg, module, datamodule, run_dir, metrics)
-    link = runs.update_latest(cfg.run.root, runs.latest_link_name("stage1", cfg.modality), run_dir)
-    runs.update_latest(cfg.run.root, runs.tokenizer_link_name(cfg.modality, cfg.data.name), run_dir)
-    runs.write_summary(run_dir, {"stage": "stage1", "modality": cfg.modality, "data": cfg.data.name,
-                                 **run_figures(trainer, module), **metrics})
+    monitor = BEST_STAGE1[cfg.modality]
+    trainer = fit(cfg, module, datamodule, run_dir, resume, callbacks=[best_checkpoint(run_dir, *monitor)], keep_logging=True)
+    try:
+        if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not runs.is_global_zero():
+            return run_dir
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        checksum = export_tokenizer(cfg, module, datamodule, run_dir, metrics)
+        link = runs.update_latest(cfg.run.root, runs.latest_link_name("stage1", cfg.modality), run_dir)
+        runs.update_latest(cfg.run.root, runs.tokenizer_link_name(cfg.modality, cfg.data.name), run_dir)
+        summary = {"stage": "stage1", "modality": cfg.modality, "data": cfg.data.name, **run_figures(trainer, module),
+                   **metrics, "best": best_figure(trainer)}
+        runs.write_summary(run_dir, summary)
+        log_artifact(trainer, tokenizer_artifact(cfg.modality, cfg.data.name), "tokenizer", [run_dir / runs.TOKENIZER_ARTIFACT],
+                     {"checksum": checksum, "data": cfg.data.name, **metrics}, aliases=["latest", f"sha-{checksum[:12]}"])
+        log_checkpoints(trainer, cfg, run_dir)
+        log_summary(trainer, summary)
+    finally:
+        close_loggers(trainer)
     print(f"stage 1 ({cfg.modality}, {cfg.data.name}) done in {module.train_seconds / 60:.1f} min: {run_dir} ({link.name})")
     for key in sorted(metrics):
         print(f"  {key} = {metrics[key]:.4f}")
     return run_dir
+
+
+# What "best" means for a run's best.ckpt: (metric, mode).
+BEST_STAGE1 = {"image": ("val/psnr", "max"), "audio": ("val/lsd", "min")}
+
+
+def best_checkpoint(run_dir: Path, monitor: str, mode: str) -> ModelCheckpoint:
+    """Keeps ``checkpoints/best.ckpt``: the validation with the best ``monitor`` so far."""
+    return ModelCheckpoint(dirpath=run_dir / runs.CHECKPOINT_DIR, filename="best", monitor=monitor, mode=mode,
+                           save_top_k=1, save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
+
+
+def best_figure(trainer: Any) -> dict[str, Any] | None:
+    """What the best checkpoint scored, and when."""
+    keeper = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    if keeper is None or keeper.best_model_score is None:
+        return None
+    return {"metric": keeper.monitor, "value": round(float(keeper.best_model_score), 4), "checkpoint": keeper.best_model_path}
+
+
+def best_stage2(planned: Plan) -> tuple[str, str]:
+    """The validation figure best.ckpt follows for a stage-2 run on this data."""
+    cfg = planned.cfg
+    target = parse_task(cfg.task).target.name
+    if cfg.sampling.val_n > 0:
+        if planned.shapes:
+            return "val/exact_match", "max"
+        if target == "text":
+            return "val/cer", "min"
+        if target in SPACES:
+            return f"val/fd_{SPACES[target]}", "min"
+    return "val/loss", "min"
+
+
+def tokenizer_artifact(modality: str, data: str) -> str:
+    return artifact_name("tokenizer", modality, data)
+
+
+def log_checkpoints(trainer: Any, cfg: DictConfig, run_dir: Path) -> None:
+    """The final and best checkpoints as W&B artifacts (``logger.log_checkpoints``)."""
+    if not cfg.logger.log_checkpoints:
+        return
+    name = artifact_name("checkpoint", run_dir.name)
+    for which in ("last", "best"):
+        path = run_dir / runs.CHECKPOINT_DIR / f"{which}.ckpt"
+        if path.is_file():
+            log_artifact(trainer, f"{name}-{which}", "model", [path], {"stage": cfg.stage, "step": trainer.global_step},
+                         aliases=["latest"])
 
 
 @torch.no_grad()
@@ -351,8 +441,15 @@ def prepare_token_cache(cfg: DictConfig, tokenizers: dict[str, Tokenizer], meta:
         checksums["text"] = f"minilm-{sentence_encoder_checksum()}"
     fingerprint = data_fingerprint(cfg.data)
     cache = Path(cfg.tokenizers.cache_dir) if cfg.tokenizers.cache_dir else default_cache_dir(cfg.data, checksums, fingerprint)
-    if not check_cache(cache, checksums, fingerprint):
-        if _rank_zero_of_node():
+    with stop_on_signals():
+        if check_cache(cache, checksums, fingerprint):
+            pass
+        elif not _rank_zero_of_node():
+            try:
+                wait_for_rank_zero(lambda: check_cache(cache, checksums, fingerprint), cache, f"the token cache {cache}", wait_s)
+            except Stopped as stop:
+                raise stop.during(f"while waiting for rank 0 to build the token cache {cache}", "nothing to keep") from None
+        else:
             cache.parent.mkdir(parents=True, exist_ok=True)
             # Two runs starting at once (e.g. two sweep agents) build it once: the second
             # waits on the lock, then finds the cache complete.
@@ -360,15 +457,16 @@ def prepare_token_cache(cfg: DictConfig, tokenizers: dict[str, Tokenizer], meta:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not check_cache(cache, checksums, fingerprint):
                     print(f"building the token cache {cache} (once for these tokenizers and data)")
-                    summary = build_cache(cfg.data, tokenizers, checksums, cache, fingerprint=fingerprint,
-                                          sentence_states=sentence_states)
+                    try:
+                        # Written whole or not at all (a staged folder); a failure or a stop is
+                        # reported beside it to the ranks waiting for it.
+                        with reported_to_waiters(cache):
+                            summary = build_cache(cfg.data, tokenizers, checksums, cache, fingerprint=fingerprint,
+                                                  sentence_states=sentence_states)
+                    except Stopped as stop:
+                        raise stop.during(f"while building the token cache {cache}",
+                                          "nothing of it was kept; the next run builds it again") from None
                     print(f"token cache: {json.dumps(summary['splits'])}")
-        else:
-            deadline = time.monotonic() + wait_s
-            while not check_cache(cache, checksums, fingerprint):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"waited {wait_s:.0f}s for rank 0 to build the token cache {cache}")
-                time.sleep(1.0)
     data = copy.deepcopy(cfg.data)
     data.root, data.train, data.val, data.sizes = str(cache), "", "", ""
     return data
@@ -384,6 +482,24 @@ def tokenize(cfg: DictConfig) -> dict[str, Any]:
     data = prepare_token_cache(planned.cfg, tokenizers, meta)
     assert data is not None
     return {"cache": data.root, "tokenizers": {m: meta[m]["checksum"][:12] for m in tokenizers}}
+
+
+def validation_scorer(planned: Plan, conditions: Conditions | None) -> Scorer | None:
+    """How validation scores its conditions: as `eval` does, its reference features embedded once,
+    the data set's classifier trained (and cached) now rather than mid-run."""
+    if conditions is None:
+        return None
+    cfg = planned.cfg
+    target = parse_task(cfg.task).target
+    spec = DecodeSpec.from_config(cfg.data, (target.name,))
+    real = not planned.shapes and target.name in ("image", "audio")
+    second = real_items(cfg.data, "train", target, spec, len(conditions)) if real else None
+    labelled = real and target.name == "image" and bool((planned.description or {}).get("classes"))
+    classifier = data_classifier(cfg.data.root) if labelled and any(c.label is not None for c in conditions.items) else None
+    scorer = Scorer(target.name, spec.sample_rate, real=real, second_real=second, classifier=classifier,
+                    holdout=cfg.data.shapes.holdout != "none")
+    scorer.fix_references([decoded_reference(target, c, spec) for c in conditions.items])
+    return scorer
 
 
 def validation_conditions(planned: Plan) -> Conditions | None:
@@ -404,20 +520,37 @@ def train_stage2(planned: Plan) -> Path:
     module = GeneratorModule(cfg, meta)
     module.load_tokenizers(tokenizers)
     module.validation_set = validation_conditions(planned)
+    module.scorer = validation_scorer(planned, module.validation_set)
     task = parse_task(cfg.task)
     datamodule = ShardDataModule(cached or cfg.data, task.inputs(cached is not None, cfg.generator), seed=cfg.run.seed)
-    trainer = fit(cfg, module, datamodule, run_dir, resume, callbacks=[EMAWeights(decay=cfg.generator.ema_decay)])
-    if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not runs.is_global_zero():
-        return run_dir
-    runs.update_latest(cfg.run.root, runs.latest_link_name("stage2"), run_dir)
-    module.eval()  # the EMA weights: the averaging callback copied them in at the end of fit
-    summary: dict[str, Any] = {"stage": "stage2", "task": cfg.task, "data": cfg.data.name, **run_figures(trainer, module)}
-    if cfg.sampling.n > 0:
-        out = run_dir / "samples"
-        conditions = from_val_shards(cfg.data, task, cfg.sampling.n, planned.description).cycled(cfg.sampling.n)
-        summary["sampling"] = sample_to_dir(module, conditions, out, seed=cfg.run.seed)
-        summary["eval"] = evaluate_dir(out)
-    runs.write_summary(run_dir, summary)
+    keepers = [EMAWeights(decay=cfg.generator.ema_decay), best_checkpoint(run_dir, *best_stage2(planned))]
+    trainer = fit(cfg, module, datamodule, run_dir, resume, callbacks=keepers, keep_logging=True)
+    try:
+        if trainer.global_rank != 0 or cfg.trainer.fast_dev_run or not runs.is_global_zero():
+            return run_dir
+        for modality, info in meta.items():  # lineage: the tokenizer artifacts this generator reads
+            declare_input(trainer, tokenizer_artifact(modality, cfg.data.name), f"sha-{info['checksum'][:12]}", "tokenizer")
+        runs.update_latest(cfg.run.root, runs.latest_link_name("stage2"), run_dir)
+        module.eval()  # the EMA weights: the averaging callback copied them in at the end of fit
+        summary: dict[str, Any] = {"stage": "stage2", "task": cfg.task, "data": cfg.data.name, **run_figures(trainer, module),
+                                   "best": best_figure(trainer)}
+        if cfg.sampling.n > 0:
+            out = run_dir / "samples"
+            conditions = from_val_shards(cfg.data, task, cfg.sampling.n, planned.description).cycled(cfg.sampling.n)
+            summary["sampling"] = sample_to_dir(module, conditions, out, seed=cfg.run.seed)
+            summary["eval"] = evaluate_dir(out)
+            if cfg.data.shapes.holdout != "none" and planned.shapes:
+                # The combinations training never saw, on their own, with as many samples.
+                heldout = HOLDOUT_LABELS[cfg.data.shapes.holdout]
+                conditions = from_val_shards(cfg.data, task, cfg.sampling.n, planned.description, labels=heldout)
+                out = run_dir / "samples-heldout"
+                summary["sampling_heldout"] = sample_to_dir(module, conditions.cycled(cfg.sampling.n), out, seed=cfg.run.seed)
+                summary["eval_heldout"] = evaluate_dir(out)
+        runs.write_summary(run_dir, summary)
+        log_checkpoints(trainer, cfg, run_dir)
+        log_summary(trainer, summary)
+    finally:
+        close_loggers(trainer)
     print(json.dumps(summary, indent=2))
     print(f"stage 2 ({cfg.task}, {cfg.data.name}) done in {module.train_seconds / 60:.1f} min; samples in {run_dir / 'samples'}")
     return run_dir
@@ -454,31 +587,23 @@ def sample_to_dir(module: GeneratorModule, conditions: Conditions, out: Path | s
     if not len(conditions):
         raise ValueError("no conditions to sample")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg, task, spec = module.cfg, module.task, module.spec
     generator = torch.Generator(module.device).manual_seed(seed)
-    lines = []
-    for start in range(0, len(conditions), batch_size):
-        items = module.sample_items(conditions, start, start + batch_size, generator=generator)
-        for index, (condition, item) in enumerate(zip(conditions.items[start : start + batch_size], items), start=start):
-            ident = f"{index:06d}"
-            entry: dict[str, Any] = {"id": ident, "task": task.name, "condition": dict(condition.entry)}
-            if condition.file is not None:
-                ext, data = condition.file
-                (out / "cond").mkdir(exist_ok=True)
-                (out / "cond" / f"{ident}.{ext}").write_bytes(data)
-                entry["condition"] = {task.source.name: f"cond/{ident}.{ext}"}
-            if condition.attributes:
-                entry["attributes"] = condition.attributes
-            reference = decoded_reference(task.target, condition, spec)
-            if reference is not None:
-                entry["reference"] = task.target.write(out / "refs" / ident, reference, spec).relative_to(out).as_posix()
-                entry["source_key"] = condition.key
-            entry["output"] = task.target.write(out / ident, item, spec).relative_to(out).as_posix()
-            lines.append(entry)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    tmp.replace(out / MANIFEST)
+    lines: list[dict[str, Any]] = []
+    with stop_on_signals():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            # The manifest marks a folder complete, so it goes first and comes back last: a
+            # sampling that is stopped or fails leaves no manifest for files it did not finish.
+            for stale in (MANIFEST, SAMPLES_INFO):
+                (out / stale).unlink(missing_ok=True)
+            for start in progress(range(0, len(conditions), batch_size), f"sampling into {out}", unit="batch"):
+                items = module.sample_items(conditions, start, start + batch_size, generator=generator)
+                for index, (condition, item) in enumerate(zip(conditions.items[start : start + batch_size], items), start=start):
+                    lines.append(_write_sample(out, index, condition, item, task, spec))
+        except Stopped as stop:
+            raise stop.during(f"while sampling into {out}", f"{len(lines)} of {len(conditions)} samples written and "
+                                                            f"no {MANIFEST}; sample again") from None
     s = cfg.sampling
     decoding = module.decoding()
     settings: dict[str, Any] = {"guidance": s.guidance, "temperature": decoding["temperature"]}
@@ -488,8 +613,36 @@ def sample_to_dir(module: GeneratorModule, conditions: Conditions, out: Path | s
     summary = {"out": str(out), "task": task.name, "n": len(lines), "conditions": conditions.source,
                "objective": cfg.generator.objective, **settings}
     info = {**summary, "data": OmegaConf.to_container(cfg.data, resolve=True), "sample_rate": spec.sample_rate}
-    (out / SAMPLES_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    _write_atomically(out / SAMPLES_INFO, json.dumps(info, indent=1) + "\n")
+    _write_atomically(out / MANIFEST, "".join(json.dumps(line) + "\n" for line in lines))  # last: the folder is whole
     return summary
+
+
+def _write_sample(out: Path, index: int, condition: Any, item: Any, task: Any, spec: Any) -> dict[str, Any]:
+    """Write one sample, its conditioning file and reference; returns its manifest entry."""
+    ident = f"{index:06d}"
+    entry: dict[str, Any] = {"id": ident, "task": task.name, "condition": dict(condition.entry)}
+    if condition.file is not None:
+        ext, data = condition.file
+        (out / "cond").mkdir(exist_ok=True)
+        (out / "cond" / f"{ident}.{ext}").write_bytes(data)
+        entry["condition"] = {task.source.name: f"cond/{ident}.{ext}"}
+    if condition.attributes:
+        entry["attributes"] = condition.attributes
+    if condition.label is not None:
+        entry["label"] = condition.label
+    reference = decoded_reference(task.target, condition, spec)
+    if reference is not None:
+        entry["reference"] = task.target.write(out / "refs" / ident, reference, spec).relative_to(out).as_posix()
+        entry["source_key"] = condition.key
+    entry["output"] = task.target.write(out / ident, item, spec).relative_to(out).as_posix()
+    return entry
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def sample_command(n: int, out: str, ckpt: str | None, overrides: list[str], task: str | None = None,

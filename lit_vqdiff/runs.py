@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ def new_run_dir(root: Path | str, stage: str, modality: str | None = None) -> Pa
 def update_latest(root: Path | str, name: str, run_dir: Path) -> Path:
     """Point runs/<name> at ``run_dir`` (relative link, swapped atomically)."""
     link = Path(root) / name
+    link.parent.mkdir(parents=True, exist_ok=True)  # absent when run.dir put the run elsewhere
     tmp = link.with_name(f".{name}.tmp{os.getpid()}")
     target = os.path.relpath(Path(run_dir).resolve(), Path(root).resolve())
     if tmp.is_symlink() or tmp.exists():
@@ -83,7 +86,38 @@ def is_run_dir(path: Path | str) -> bool:
 
 
 def is_global_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    # SLURM_PROCID: the rank of a task that srun started (Lightning reads it, sets no RANK).
+    return all(int(os.environ.get(var, "0")) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` takes for this SLURM job (``<array job>_<task>`` in an array), if any."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+def requeue_slurm_job() -> str:
+    """Put this SLURM job back in the queue with `scontrol requeue <id>`; says what happened.
+
+    The requeued job runs the same command with the same SLURM_JOB_ID, so it finds its run
+    folder (runs/<stage>-job<id>) and resumes from last.ckpt. Without scontrol the job just
+    ends: resubmitting the same command (same job id or run.dir) resumes it.
+    """
+    job = slurm_job_id()
+    if job is None:
+        return "not a SLURM job: nothing to requeue"
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return f"SLURM job {job} not requeued (scontrol is not on PATH); requeue or resubmit it to resume"
+    try:
+        done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"`scontrol requeue {job}` failed ({type(err).__name__}: {err}); requeue or resubmit it to resume"
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"status {done.returncode}"]
+        return f"`scontrol requeue {job}` failed ({why[0]}); requeue or resubmit it to resume"
+    return f"requeued SLURM job {job}: it resumes from there"
 
 
 def _cluster_run_name(cfg: DictConfig) -> str | None:
@@ -126,6 +160,9 @@ def leave_run(run_dir: Path) -> None:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """Final figures of a run as JSON beside its config (rank 0)."""
+    """Final figures of a run as JSON beside its config (rank 0), written whole or not at all."""
     if is_global_zero():
-        (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        path = Path(run_dir) / SUMMARY_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(path)

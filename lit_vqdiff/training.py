@@ -3,7 +3,9 @@
 ``build_trainer`` wires the callbacks every run gets: periodic and preemption
 checkpoints, per-step seeds, a check that every rank runs the same config, media,
 progress lines and the data-wait probe. ``fit`` runs it, resuming when asked, and turns
-a stop by a signal into ``Preempted``.
+a stop by a signal into ``Stopped`` and the faults a resume gets past (a data loader
+worker that died, a checkpoint that could not be written, too much bad data) into
+one-line errors that name the checkpoint and the command to resume with.
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from . import runs
-from .callbacks import AtomicCheckpointIO, CloseProcessGroup, ConfigConsistency, LastCheckpoint, MediaLogger, Preempted, ProgressPrinter, StepSeed
+from .callbacks import (AtomicCheckpointIO, CloseProcessGroup, ConfigConsistency, LastCheckpoint, MediaLogger, ProgressPrinter,
+                        StepSeed, stop_on_signals)
 from .config import config_hash
-from .loggers import SafeWandbLogger, build_logger
+from .data.datamodule import DataQualityError
+from .errors import Stopped, TrainingFailed
+from .loggers import build_logger, close_loggers, wandb_loggers
 from .perf import DataWaitTimer
 
 # Lightning's advertisement for its cloud logger and a deprecation inside Lightning itself
@@ -33,6 +41,9 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning
 
 
 DEFAULT_THREADS = torch.get_num_threads()
+# (stage, run folder) of the last fit that ran to its end in this process: a stop after it
+# (export, sampling, evaluation) tells the user that rerunning that run only finishes it.
+completed_fit: tuple[str, Path] | None = None
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | None = None) -> L.Trainer:
@@ -55,6 +66,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
     # step, so that callback work counts as training, not as waiting for data.
     all_callbacks += [*callbacks, CloseProcessGroup(), last, timer.closer]
     logger = build_logger(cfg, run_dir) if not t.fast_dev_run else False
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Lightning's SLURM requeue (on SIGUSR1: an hpc_ckpt_*.ckpt of its own, then
+        # `scontrol requeue`) would act behind LastCheckpoint's back; the CLI requeues instead.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -72,8 +88,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
         log_every_n_steps=t.log_every_steps,
         logger=logger,
         callbacks=all_callbacks,
-        enable_checkpointing=False,  # LastCheckpoint owns last.ckpt
-        plugins=[AtomicCheckpointIO()],
+        # LastCheckpoint owns last.ckpt; a caller's ModelCheckpoint may keep the best one.
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in all_callbacks),
+        plugins=plugins,
         deterministic=t.deterministic,
         fast_dev_run=t.fast_dev_run,
         default_root_dir=str(run_dir),
@@ -82,30 +99,68 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
     )
 
 
-def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path, resume: Path | None, callbacks: list[L.Callback] | None = None) -> L.Trainer:
-    """Fit, resuming from ``resume`` when given. A run stopped by SIGTERM/SIGUSR1 (after
-    saving) raises Preempted: the process exits with status 0 and the caller's export,
-    sampling and summary do not run."""
+def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path, resume: Path | None,
+        callbacks: list[L.Callback] | None = None, keep_logging: bool = False) -> L.Trainer:
+    """Fit, resuming from ``resume`` when given.
+
+    A stop signal ends the fit with a saved checkpoint and raises ``Stopped`` (the process
+    exits with its status, see ``errors.STOP_STATUS``); a data loader worker that dies or a
+    checkpoint that cannot be written raise ``TrainingFailed``, too much bad data
+    ``DataQualityError``. Each message names what last.ckpt holds and the command that
+    resumes; the caller's export, sampling and summary do not run on a half-trained model.
+    With ``keep_logging`` a finished fit leaves its W&B run open for the caller to log
+    artifacts and final figures to, and to close (``loggers.close_loggers``).
+    """
+    global completed_fit
+    completed_fit = None
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     trainer = build_trainer(cfg, run_dir, callbacks)
     module.config_hash = config_hash(cfg)
+    saver = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
+    for logger in wandb_loggers(trainer):
+        logger.keep_open = keep_logging  # the caller logs more after a finished fit, then closes it
+    finished = False
+    resume_with = f"resume with `lit-vqdiff train {cfg.stage} run.dir={run_dir}`"
     started = time.monotonic()
     try:
-        with warnings.catch_warnings():
+        with stop_on_signals(defer=True) as stop, warnings.catch_warnings():
             # Logging runs on global steps across epochs: a small data set's short epochs lose nothing.
             warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+            except SIGTERMException:
+                # Raised by Lightning's own SIGTERM handler, which holds until LastCheckpoint's
+                # takes over at the start of training; ours recorded the same signal.
+                if stop.signame is None:
+                    raise
+            signame = saver.stopped_by or stop.signame
+            finished = signame is None
+    except Stopped as err:  # during validation, or Ctrl-C twice
+        where = " ".join(filter(None, [err.where, f"at step {trainer.global_step}"]))
+        raise err.during(where, f"{saver.holding()}; {resume_with}") from None
+    except TrainingFailed as err:  # a checkpoint that could not be written
+        raise TrainingFailed(f"{err}, then {resume_with}") from None
+    except DataQualityError as err:
+        raise DataQualityError(f"{err}; {saver.holding()}; repair or leave out those shards (or raise "
+                               f"data.max_skip_fraction), then {resume_with}") from err
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        # A worker killed (by the OOM killer, say) raises in the middle of a step, whose state
+        # is then unusable: the run stops, and the last checkpoint is where it goes on.
+        raise TrainingFailed(f"training stopped at step {trainer.global_step}: a data loader worker died ({str(err).strip()}); "
+                             f"{saver.holding()}; {resume_with}") from err
     finally:
-        for logger in trainer.loggers:
-            if isinstance(logger, SafeWandbLogger):
-                logger.close()  # also under ddp_spawn, where this process made the run the ranks attached to
+        # Lightning tears the data module down only when the fit ends without an exception:
+        # loader workers left running would keep the process from exiting.
+        datamodule.teardown("fit")
+        if not (finished and keep_logging):
+            close_loggers(trainer)  # also under ddp_spawn, where this process made the run the ranks attached to
+        runs.leave_run(run_dir)
     module.train_seconds = time.monotonic() - started
-    runs.leave_run(run_dir)
-    if any(isinstance(c, LastCheckpoint) and c.preempted for c in trainer.callbacks):
-        message = f"stopped by a signal at step {trainer.global_step}; resume with `lit-vqdiff train {cfg.stage} run.dir={run_dir}`"
-        if trainer.is_global_zero:
-            print(message, flush=True)
-        raise Preempted(message)
+    if signame:
+        raise Stopped(signame, f"stopped by {signame} at step {trainer.global_step}: saved {saver.path}; {resume_with}")
+    completed_fit = (cfg.stage, Path(run_dir))
     return trainer
 
 

@@ -118,3 +118,29 @@ def test_csv_and_none_loggers(shapes_root, tmp_path, kind):
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     assert [int(r["step"]) for r in rows if r["train/loss"]] == [1, 3, 5]
     assert [int(r["step"]) for r in rows if r["val/psnr"]] == [2, 5]
+
+
+def test_a_pipeline_shares_its_w_and_b_group_logs_tables_artifacts_lineage_and_the_evaluation(shapes_root, tmp_path):
+    """Stage 2 starting its stage-1 run: both in one group with their job types, a table per
+    validation, the tokenizer and checkpoints as artifacts, the tokenizer declared as input,
+    the final evaluation in the summary."""
+    from conftest import tiny_stage2
+
+    runs = tmp_path / "runs"
+    stage1_args = "[tokenizer.channels=16,tokenizer.num_res_blocks=1,trainer.max_steps=8,trainer.val_every_steps=8]"
+    assert main(["train", "stage2", *tiny_stage2(shapes_root, runs, "logger=wandb", "tokenizers.train_if_missing=true",
+                                                 f"tokenizers.stage1_args={stage1_args}", "logger.tags=[mine]")]) == 0
+    first, second = (wandb_records((runs / name).resolve()) for name in ("latest-stage1", "latest-stage2"))
+    runs_info = [next(r["run"] for r in records if r["type"] == "run") for records in (first, second)]
+    assert runs_info[0]["run_group"] == runs_info[1]["run_group"] and runs_info[0]["run_group"].startswith("pipeline-shapes-v1")
+    assert [info["job_type"] for info in runs_info] == ["tokenizer", "generator"]
+    assert "mine" in runs_info[1]["tags"] and "text->image" in runs_info[1]["tags"]
+    tables = [row for row in history(second) if row.get("val/table._type") == "table-file"]
+    assert tables and tables[0]["val/table.ncols"] == 4  # condition, output, reference, exact_match
+    artifacts = {r["artifact"]["name"]: r["artifact"]["type"] for records in (first, second) for r in records if r["type"] == "artifact"}
+    assert artifacts[f"tokenizer-image-shapes-v1"] == "tokenizer"
+    assert any(t == "model" and n.endswith("-best") for n, t in artifacts.items())
+    config = {k: v for r in second if r["type"] == "config" for k, v in r["config"]["update"].items()}
+    assert config["inputs"]["tokenizer"].startswith("tokenizer-image-shapes-v1:sha-")  # offline lineage
+    summary = {k: v for r in second if r["type"] == "summary" for k, v in r["summary"]["update"].items()}
+    assert "eval/tasks/text->image/exact_match" in summary and summary["best/metric"] == "val/exact_match"

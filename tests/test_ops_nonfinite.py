@@ -1,5 +1,5 @@
-"""Non-finite losses: a NaN/Inf step is skipped (weights untouched) and counted in
-train/skipped_nonfinite; five in a row stop the run with a loadable checkpoint of the
+"""Non-finite losses: a NaN/Inf step is skipped (weights and codebook untouched) and counted
+in train/skipped_nonfinite; five in a row stop the run with a loadable checkpoint of the
 last good state and a message that says what happened."""
 
 from __future__ import annotations
@@ -113,3 +113,32 @@ def test_five_nonfinite_in_a_row_stop_with_the_last_good_state(shapes_root, tmp_
     module, _ = fit_stage1(shapes_root, tmp_path, 12, resumed, resume=run_dir)
     assert same(resumed.after[min(resumed.after)], recorder.after[5])
     assert max(resumed.after) == 12 and int(module.skipped_nonfinite) == 6
+
+
+class CodebookByStep(WeightsByStep):
+    """The quantizer's codebook state (codebook, EMA statistics, counters, restart ring) after each step."""
+
+    @staticmethod
+    def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        state = module.tokenizer.quantizer.training_state()
+        ring, count = state.pop("ring")
+        return state | {"ring": ring, "ring_count": torch.tensor(count)}
+
+
+def test_a_nan_batch_leaves_the_codebook_as_it_was(shapes_root, tmp_path, monkeypatch):
+    """The EMA codebook update runs inside the forward, before the loss is known: a skipped
+    step must undo it, or one NaN batch poisons the codebook for good."""
+    original = TokenizerModule.inputs
+
+    def nan_at_step_3(self, batch):
+        x = original(self, batch)
+        return torch.full_like(x, math.nan) if self.global_step == 3 else x
+
+    monkeypatch.setattr(TokenizerModule, "inputs", nan_at_step_3)
+    recorder = CodebookByStep()
+    _, run_dir = fit_stage1(shapes_root, tmp_path, 6, recorder)
+    after = recorder.after
+    assert same(after[4], after[3])  # the step run at global_step 3 left it exactly as it was
+    assert all(not same(after[s + 1], after[s]) for s in (0, 1, 2, 4, 5))  # the others moved it
+    assert all(bool(torch.isfinite(t.float()).all()) for t in after[6].values())
+    assert skipped_counts(run_dir) == {0: 0.0, 1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 1.0}  # and the log says it was skipped

@@ -1,7 +1,8 @@
-"""Preemption and resume with real training processes: SIGTERM/SIGUSR1 save and exit 0;
-a run killed with SIGKILL and resumed from its last.ckpt ends with the same weights,
-optimizer, codebook, EMA and metrics as an uninterrupted one; a truncated last.ckpt
-falls back to the previous checkpoint."""
+"""Preemption and resume with real training processes: SIGTERM/SIGUSR1 save and exit 0 with
+one line; a run killed with SIGKILL and resumed from its last.ckpt ends with the same
+weights, optimizer, codebook (restart rings included), EMA and metrics as an uninterrupted
+one; a truncated last.ckpt falls back to the previous checkpoint. test_faults.py has the
+rest of the ways runs are stopped."""
 
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def assert_metrics_continue(reference_dir: Path, run_dir: Path, killed_at: int) 
 
 
 def test_killed_stage1_resumes_exactly(shapes_root, tmp_path):
-    overrides = per_run_root(tiny_stage1(shapes_root, tmp_path, *EXACT))
+    # Dead codes restart every few steps: they draw from each rank's ring of recent vectors,
+    # which the checkpoint must carry for the resumed run to draw the same ones.
+    overrides = per_run_root(tiny_stage1(shapes_root, tmp_path, *EXACT, "tokenizer.quantizer.dead_after=3"))
     final_ref, final, left, reference_dir, run_dir = kill_and_resume("stage1", overrides, tmp_path)
     # what the killed run left: mid-epoch loop position, optimizer moments, codebook, stream
     # (random draws need no state: StepSeed derives them from the step)
@@ -126,6 +129,10 @@ def test_killed_stage1_resumes_exactly(shapes_root, tmp_path):
     assert_same_tensors(final["state_dict"], final_ref["state_dict"], "weights and codebook buffers")
     assert_same_optimizer(final, final_ref)
     assert final["ShardDataModule"] == final_ref["ShardDataModule"]
+    (ring, count), = final["quantizer_rings"][0]
+    (ring_ref, count_ref), = final_ref["quantizer_rings"][0]
+    assert count == count_ref and torch.equal(ring, ring_ref)
+    assert int(final["state_dict"]["tokenizer.quantizer.restarts"]) > 0
     assert_metrics_continue(reference_dir, run_dir, killed_at=left["global_step"])
 
 
@@ -177,13 +184,15 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(shapes_root, tmp_path, sign
     proc.send_signal(signum)
     assert proc.wait(timeout=120) == 0
     out = log.read_text()
-    said = re.search(rf"received {signum.name}: saved (\S+) at step (\d+); stopping", out)
-    assert said, out[-2000:]
+    said = re.findall(rf"^lit-vqdiff: stopped by {signum.name} at step (\d+): saved (\S+); resume with `(.+)`$", out, re.M)
+    assert len(said) == 1, out[-2000:]  # one line says it all
+    step, path, command = said[0]
     run_dir = only_run_dir(runs)
     ckpt = load(run_dir / "checkpoints" / "last.ckpt")
-    assert Path(said.group(1)) == run_dir / "checkpoints" / "last.ckpt"
-    assert ckpt["global_step"] == int(said.group(2)) >= 5
-    assert f"lit-vqdiff train stage1 run.dir={run_dir}" in out
+    assert Path(path) == run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt["global_step"] == int(step) >= 5
+    assert command == f"lit-vqdiff train stage1 run.dir={run_dir}"
+    assert "Traceback" not in out
     # a preempted run is not finished: no tokenizer export, no latest link
     assert not (run_dir / "tokenizer.pt").exists() and not (runs / "latest-stage1").exists()
 

@@ -495,3 +495,26 @@ def test_fashion_unpacks_a_deb_from_a_relative_cache_dir(tmp_path, monkeypatch):
     md5 = {name: hashlib.md5(idx_bytes(array)).hexdigest() for name, array in arrays.items()}
     loaded, files = sources.fetch_fashion(Path("data/cache"), md5)
     assert int(loaded["t10k-labels-idx1-ubyte"][0]) == 5 and deb.name in files
+
+
+def test_shards_are_named_the_same_way_everywhere(tmp_path, capsys, tiny_shards, tiny_config):
+    """Several paths (as a shell expands *.tar), a quoted glob, a brace pattern or a folder:
+    `shards check` and data.train/data.val accept each, and find the same shards."""
+    from lit_vqdiff.data.datamodule import ShardDataModule, shard_urls
+
+    data = tiny_shards([4, 4, 4])
+    folder = data.directory
+    paths = [str(folder / n) for n in data.names]
+    assert run_cli("shards", "check", *paths, "--no-progress") == 0  # `shards check data/x/*.tar`
+    assert "samples:  12" in capsys.readouterr().out
+    quoted = str(folder / "train-*.tar")
+    assert run_cli("shards", "check", quoted, "--no-progress") == 0  # '...train-*.tar', quoted
+    assert "samples:  12" in capsys.readouterr().out
+    brace = str(folder / "train-{000000..000002}.tar")
+    spaced = " ".join(paths[:2]) + " " + str(folder / "train-00000[2].tar")
+    for spec in (quoted, brace, str(folder), spaced):
+        assert shard_urls(spec, "unused", "train") == paths, spec
+    dm = ShardDataModule(tiny_config(folder, train=spaced), ("class",))
+    assert sum(len(batch["label"]) for batch in dm.train_dataloader()) == 12
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        shard_urls(str(folder / "val-*.tar"), "unused", "train")

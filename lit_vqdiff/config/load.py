@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -27,17 +28,42 @@ from ..modalities import TASKS
 from ..nn.dit import DIT_PRESETS
 from .schema import CHOICES, GROUPS, SCHEMAS, task_preset_name
 
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # shipped inside the package
+USER_CONF_ENV = "LIT_VQDIFF_CONFIG_DIR"  # a folder of the user's own presets (``--config-dir`` sets it)
+
+
+def conf_dirs(conf_dir: Path | str | None = None) -> list[Path]:
+    """Where presets are looked up, first match wins: the user's folder (``LIT_VQDIFF_CONFIG_DIR``),
+    then ``conf_dir`` (the shipped presets by default). A user's ``data/photos.yaml`` adds a
+    preset; a user's ``trainer/gpu.yaml`` replaces the shipped one."""
+    dirs = [Path(conf_dir) if conf_dir is not None else CONF_DIR]
+    user = os.environ.get(USER_CONF_ENV)
+    if user:
+        if not Path(user).is_dir():
+            raise ConfigError(f"{USER_CONF_ENV}={user}: not a folder of presets")
+        dirs.insert(0, Path(user))
+    return dirs
+
+
+def find_preset(dirs: Sequence[Path], relative: str) -> Path | None:
+    """The first ``dir/relative`` that exists, or None."""
+    return next((d / relative for d in dirs if (d / relative).is_file()), None)
+
+
+def presets(dirs: Sequence[Path], group: str) -> list[str]:
+    """Preset names of a group over every folder."""
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = CONF_DIR) -> DictConfig:
-    """Schema + conf/<stage>.yaml + group presets + key=value overrides, validated."""
+def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str | None = None) -> DictConfig:
+    """Schema + conf/<stage>.yaml + group presets + key=value overrides, validated (presets
+    from ``conf_dirs(conf_dir)``: the user's folder first, then the shipped one)."""
     if stage not in SCHEMAS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(SCHEMAS)}")
-    conf_dir = Path(conf_dir)
+    dirs = conf_dirs(conf_dir)
     pairs = [_split_override(o) for o in overrides]
     resumed = _resumed_config(stage, dict(pairs).get("run.dir"))
     if resumed is not None:
@@ -48,11 +74,11 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_di
         validate(resumed)
         return resumed
     cfg = OmegaConf.structured(SCHEMAS[stage])
-    stage_file = conf_dir / f"{stage}.yaml"
+    stage_file = find_preset(dirs, f"{stage}.yaml") or dirs[-1] / f"{stage}.yaml"
     stage_yaml = _read_yaml(stage_file)
     # The stage file's own `defaults` presets come first, so that its body can refine them.
     for group, name in dict(stage_yaml.pop("defaults", None) or {}).items():
-        cfg = _merge_group(cfg, conf_dir, group, str(name))
+        cfg = _merge_group(cfg, dirs, group, str(name))
     cfg = _merge(cfg, stage_yaml, source=str(stage_file))
 
     chosen: dict[str, str] = {}
@@ -66,16 +92,16 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_di
     # architecture, batch size, steps); explicit overrides still win.
     if stage == "stage1":
         modality = dict(plain).get("modality", cfg.modality)
-        if (conf_dir / "modality" / f"{modality}.yaml").exists():
+        if find_preset(dirs, f"modality/{modality}.yaml"):
             chosen = {"modality": modality, **chosen}
     # Stage 2's may follow the task (conf/task/<src>-to-<tgt>.yaml), e.g. a shorter run
     # for a task that learns faster.
     if stage == "stage2":
         preset = task_preset_name(str(dict(plain).get("task", cfg.task)))
-        if (conf_dir / "task" / f"{preset}.yaml").exists():
+        if find_preset(dirs, f"task/{preset}.yaml"):
             chosen = {"task": preset, **chosen}
     for group, name in chosen.items():
-        cfg = _merge_group(cfg, conf_dir, group, str(name))
+        cfg = _merge_group(cfg, dirs, group, str(name))
     for key, value in plain:
         cfg = _apply_override(cfg, key, value)
     validate(cfg)
@@ -104,13 +130,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge_group(cfg: DictConfig, conf_dir: Path, group: str, name: str) -> DictConfig:
+def _merge_group(cfg: DictConfig, dirs: Sequence[Path], group: str, name: str) -> DictConfig:
     if group not in GROUPS:
         raise ConfigError(f"unknown config group {group!r} in defaults; expected one of {sorted(GROUPS)}")
-    path = conf_dir / group / f"{name}.yaml"
-    if not path.exists():
-        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-        raise ConfigError(f"{group}={name}: no preset conf/{group}/{name}.yaml; choose one of {options} or set {group}.<key>=...")
+    path = find_preset(dirs, f"{group}/{name}.yaml")
+    if path is None:
+        where = " or ".join(str(d / group) for d in dirs)
+        raise ConfigError(f"{group}={name}: no preset {name}.yaml in {where}; choose one of {presets(dirs, group)} "
+                          f"or set {group}.<key>=...")
     data = _read_yaml(path)
     return _merge(cfg, {GROUPS[group]: data} if GROUPS[group] else data, source=str(path))
 
@@ -295,6 +322,13 @@ def _validate_tokenizer(cfg: DictConfig) -> None:
     _require(t.n_fft >= 0 and t.hop >= 0, "tokenizer.n_fft/hop", f"{t.n_fft}/{t.hop}", "must be 0 (auto) or positive")
     if t.n_fft and t.hop:
         _require(t.hop <= t.n_fft, "tokenizer.hop", t.hop, f"must not exceed tokenizer.n_fft={t.n_fft}")
+    _require(t.patch_width >= 0, "tokenizer.patch_width", t.patch_width, "must be 0 (default widths) or positive")
+    if t.frontend == "stft":
+        # The inverse STFT needs windows that overlap-add to a nonzero sum everywhere.
+        _require(t.n_fft > 0 and t.hop > 0, "tokenizer.n_fft/hop", f"{t.n_fft}/{t.hop}",
+                 "the stft frontend needs both set (e.g. tokenizer.n_fft=256 tokenizer.hop=64 at 8 kHz)")
+        _require(t.hop <= t.n_fft // 2, "tokenizer.hop", t.hop,
+                 f"the stft frontend's inverse needs overlapping frames: at most tokenizer.n_fft / 2 = {t.n_fft // 2}")
 
 
 def _validate_generator(cfg: DictConfig) -> None:

@@ -8,8 +8,11 @@ A value of 0 or "" marked "auto" is filled in from the data set's description
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 
 @dataclass
@@ -90,7 +93,7 @@ class DiscriminatorConfig:
 
 @dataclass
 class TokenizerConfig:
-    frontend: str = "pixels"  # pixels (image) | wave | spectrogram (audio)
+    frontend: str = "pixels"  # pixels (image) | wave | spectrogram | stft (audio; stft: log magnitude + phase, inverse STFT back)
     channels: int = 64  # width of the first level
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width multiplier per level
     num_res_blocks: int = 2  # residual blocks per level
@@ -101,12 +104,13 @@ class TokenizerConfig:
     grid: int = 0  # image codes per side; 0 = auto (image_size / 4, at most 16)
     patch: int = 0  # stem stride; 0 = auto (images: image_size / grid / strides; audio: 1)
     mid: bool = True  # the res-(attention)-res block at the lowest resolution
+    patch_width: int = 0  # width of the patch stem's and head's full-resolution convs; 0 = 32 (stem) and 16 (head)
     recon_loss: str = "l1"  # l1 | l2
-    # Audio magnitude-spectrum term: multi-resolution STFT loss (wave frontend), spectral
-    # convergence of linear magnitudes (spectrogram frontend); 0 = off.
+    # Audio magnitude-spectrum term: multi-resolution STFT loss (wave frontend; stft frontend:
+    # of the inverse STFT), spectral convergence of linear magnitudes (spectrogram); 0 = off.
     stft_weight: float = 1.0  # weight of the magnitude-spectrum term
-    n_fft: int = 0  # spectrogram frontend FFT size; 0 = auto (256 at 8 kHz, scaled with the sample rate)
-    hop: int = 0  # spectrogram frontend hop; 0 = auto (n_fft / 4)
+    n_fft: int = 0  # spectrogram/stft frontend FFT size; 0 = auto (256 at 8 kHz, scaled with the sample rate)
+    hop: int = 0  # spectrogram/stft frontend hop; 0 = auto (n_fft / 4)
     griffin_lim_iters: int = 32  # phase-recovery iterations of the spectrogram decoder
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
@@ -151,6 +155,9 @@ class LoggerConfig:
     project: str = "lit_vqdiff"  # W&B project
     entity: Optional[str] = None  # W&B entity (team or user)
     media_every_val: int = 1  # log media every N validations
+    group: str = ""  # W&B group; "" = the run's own name, which stage 2 hands to the stage-1 runs it starts
+    tags: list[str] = field(default_factory=list)  # W&B tags beside stage, modality or task, and data set
+    log_checkpoints: bool = True  # the final and best checkpoints as W&B artifacts (the tokenizer always)
 
 
 @dataclass
@@ -253,7 +260,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "modality": ("image", "audio"),
     "data.mode": ("exact", "resampled"),
     "data.shapes.holdout": ("none", "compositional"),
-    "tokenizer.frontend": ("pixels", "wave", "spectrogram"),
+    "tokenizer.frontend": ("pixels", "wave", "spectrogram", "stft"),
     "tokenizer.recon_loss": ("l1", "l2"),
     "tokenizer.quantizer.kind": ("vq", "rvq", "fsq"),
     "tokenizer.quantizer.update": ("ema", "grad"),
@@ -271,10 +278,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Config groups: `group=name` on the command line merges conf/<group>/<name>.yaml into
-# `target` ("" = the root, for presets that touch several sections).
-GROUPS: dict[str, str] = {"trainer": "trainer", "logger": "logger", "data": "data", "modality": "", "task": ""}
+# `target` ("" = the root, for presets that touch several sections). A `tokenizer` preset
+# (stage 1, after the modality's) holds a tokenizer and the batch size and steps it was
+# measured with, so it lives at the root too.
+GROUPS: dict[str, str] = {"trainer": "trainer", "logger": "logger", "data": "data", "modality": "", "task": "",
+                          "tokenizer": ""}
 
 
 def task_preset_name(task: str) -> str:
     """conf/task/<name>.yaml for a stage-2 task: 'image->text' -> 'image-to-text'."""
     return task.replace("->", "-to-")
+
+
+_FIELD_DOC = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's fields and their trailing comments (the documentation of each key)."""
+    return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines() if (m := _FIELD_DOC.match(line))}
+
+
+def documented_keys(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, default, documentation) of every leaf field of a schema, in order."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from documented_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", default, docs.get(f.name, "")

@@ -21,11 +21,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import braceexpand
 import soundfile as sf
 from PIL import Image
-from tqdm import tqdm
+from ..progress import progress as progress_of
 
+from .datamodule import expand_shards
 from .description import DESCRIPTION_FILE, Describer, read_description
 from .shards import SIZES_FILE, read_sizes, update_sizes
 
@@ -92,12 +92,11 @@ def split_member(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), (ext if dot else "")
 
 
-def resolve_shards(pattern: str) -> list[Path]:
-    """Shard paths of a directory (its ``*.tar``, sorted) or a brace pattern (in its order)."""
-    path = Path(pattern)
-    if path.is_dir():
-        return sorted(path.glob("*.tar"))
-    return [Path(p) for p in braceexpand.braceexpand(pattern)]
+def resolve_shards(patterns: str | Sequence[str]) -> list[Path]:
+    """Shard paths of one spec or several (folders, globs, brace patterns, paths; see
+    ``datamodule.expand_shards``), in order; paths that do not exist are kept and reported."""
+    specs = [patterns] if isinstance(patterns, str) else list(patterns)
+    return [Path(p) for spec in specs for p in expand_shards(spec)]
 
 
 def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
@@ -175,7 +174,7 @@ def split_of(shard_name: str) -> str:
     return shard_name.split("-")[0].split(".")[0]
 
 
-def check_shards(pattern: str, expected: Sequence[str] | None = None, progress: bool = False,
+def check_shards(pattern: str | Sequence[str], expected: Sequence[str] | None = None, progress: bool = False,
                  describe: bool = False, name: str | None = None) -> Report:
     """Read every shard matched by ``pattern`` and collect the problems found (see the module
     docstring); with ``describe``, write sizes.json and dataset.json beside the shards from
@@ -192,7 +191,7 @@ def check_shards(pattern: str, expected: Sequence[str] | None = None, progress: 
     report = Report(shards, tuple(sorted(expected)) if expected else infer_members(existing[0]))
     describer = Describer(name or folder.resolve().name) if describe else None
     first_shard: dict[str, str] = {}
-    for shard in tqdm(shards, desc="checking", unit="shard", disable=not progress, leave=False):
+    for shard in progress_of(shards, "checking", unit="shard", enabled=progress):
         if not shard.is_file():
             report.problems.append(Problem(shard.name, "-", "shard file missing"))
             continue
@@ -207,9 +206,9 @@ def check_shards(pattern: str, expected: Sequence[str] | None = None, progress: 
     for shard in existing:
         _check_count(shard, report.counts.get(shard.name, 0), report)
     _note_missing(folders, report)
-    if Path(pattern).is_dir():
+    for folder_spec in [p for p in ([pattern] if isinstance(pattern, str) else pattern) if Path(p).is_dir()]:
         try:
-            listed = read_sizes(pattern)
+            listed = read_sizes(folder_spec)
         except ValueError:
             listed = {}  # already reported against each shard
         for missing in sorted(set(listed) - {s.name for s in report.shards}):

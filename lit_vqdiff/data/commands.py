@@ -82,7 +82,8 @@ def add_shards_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.set_defaults(func=_guarded(_write_photos))
 
     p = actions.add_parser("check", help="validate a shard set", description="Validate a shard set; exit 1 when it has problems.")
-    p.add_argument("pattern", help="a directory of shards or a brace pattern, e.g. 'data/mnist/train-{000000..000004}.tar'")
+    p.add_argument("pattern", nargs="+", help="shards: folders, globs, brace patterns or paths, e.g. data/fashion-mnist/*.tar "
+                                               "or 'data/mnist/train-{000000..000004}.tar'")
     p.add_argument("--members", default=None, help="comma-separated members every sample needs (default: the first samples' members)")
     p.add_argument("--max-problems", type=positive_int, default=50, help="problems to list (default: %(default)s)")
     p.add_argument("--describe", action="store_true",

@@ -18,12 +18,17 @@ batches, and the samples it had to skip. That gives
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import logging
 import os
+import shlex
+import signal
 import time
+import weakref
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urljoin, urlparse
@@ -35,7 +40,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from ..errors import SKIP_REASONS
+from ..errors import SKIP_REASONS, STOP_SIGNALS
 from .decode import DecodeSpec
 from .stream import Shard, ShardStream, is_url, open_url, usable_workers
 from .shards import SIZES_FILE
@@ -70,19 +75,48 @@ def sizes_location(url: str) -> str:
     return beside(url, SIZES_FILE)
 
 
+GLOB_CHARS = set("*?[")
+
+
+def expand_shards(spec: str) -> list[str]:
+    """The shards a spec names, in order. The same rules wherever shards are named
+    (``data.train``, ``data.val``, ``shards check``): a ``pipe:`` command is one entry;
+    otherwise whitespace separates entries (quotes group), and each is an http(s) URL, a
+    folder (its ``*.tar``), a glob, or a path, brace patterns expanded in all of them.
+    Paths that do not exist are kept, for the caller to report."""
+    if spec.startswith("pipe:"):
+        return list(braceexpand.braceexpand(spec))
+    out: list[str] = []
+    for entry in shlex.split(spec):
+        for item in braceexpand.braceexpand(entry):
+            if is_url(item):
+                out.append(item)
+            elif os.path.isdir(item):
+                found = sorted(glob.glob(os.path.join(item, "*.tar")))
+                if not found:
+                    raise FileNotFoundError(f"{item!r} is a folder without *.tar shards")
+                out += found
+            elif GLOB_CHARS & set(item):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise FileNotFoundError(f"{item!r} matches no file")
+                out += found
+            else:
+                out.append(item)
+    return list(dict.fromkeys(out))
+
+
 def shard_urls(spec: str, root: str, split: str) -> list[str]:
-    """Shard URLs of a source: a brace pattern, a folder, pipe:, http(s)://, or root/<split>-*.tar."""
+    """Shard URLs of a split: ``spec`` as ``expand_shards`` reads it, or root/<split>-*.tar when empty."""
     if not spec:
         found = sorted(glob.glob(os.path.join(root, f"{split}-*.tar")))
         if not found:
             raise FileNotFoundError(f"data.{split} is empty and data.root={root!r} holds no {split}-*.tar shards")
         return found
-    if not is_url(spec) and not spec.startswith("pipe:") and os.path.isdir(spec):
-        found = sorted(glob.glob(os.path.join(spec, "*.tar")))
-        if not found:
-            raise FileNotFoundError(f"data.{split}={spec!r} is a folder without *.tar shards")
-        return found
-    urls = list(braceexpand.braceexpand(spec))
+    try:
+        urls = expand_shards(spec)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data.{split}={spec!r}: {err}") from None
     missing = [u for u in urls if not is_url(u) and not u.startswith("pipe:") and not os.path.exists(u)]
     if missing:
         raise FileNotFoundError(
@@ -221,6 +255,30 @@ class StreamTracker:
         self.pending = state if self.resumable and "consumed" in state and state["consumed"] else None
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's start: SIGTERM, SIGINT and SIGUSR1 are the trainer's to answer.
+
+    A signal sent to the whole process group (``timeout``, ``scancel``, Ctrl-C, a pod stop)
+    reaches the workers too; one that died of it would take the trainer down with a
+    traceback before it could save. The signals were blocked while the worker started
+    (``stop_signals_blocked``), so none slips in before this.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM, SIGINT and SIGUSR1 back in this thread while loader workers start: they
+    inherit the mask, and a signal held back is delivered here once the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class StreamLoader:
     """A sized iterable of batches: a DataLoader over a ShardStream, recorded by a StreamTracker.
 
@@ -246,7 +304,11 @@ class StreamLoader:
             num_workers=num_workers,
             persistent_workers=persistent and num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         )
+        self._batches: weakref.ref | None = None  # the iterator of the current pass
+        if num_workers > 0:
+            OPEN_LOADERS.add(self)
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -255,7 +317,9 @@ class StreamLoader:
         # Set up before iter(DataLoader): workers take a copy of the stream when they start.
         self.tracker.start(self.epoch_fn(), self.stream)
         start = time.perf_counter()
-        batches = iter(self.loader)  # starts the workers of a non-persistent loader
+        with stop_signals_blocked():
+            batches = iter(self.loader)  # starts the workers of a non-persistent loader
+        self._batches = weakref.ref(batches)
         self.fetch_seconds += time.perf_counter() - start
         return map(self.tracker.record, self._timed(batches))
 
@@ -272,17 +336,31 @@ class StreamLoader:
             yield batch
 
     def close(self) -> None:
-        """Stop persistent workers now; Lightning does it at teardown only for DataLoader objects."""
-        iterator = self.loader._iterator  # the DataLoader keeps it to reuse its workers
-        if isinstance(iterator, _MultiProcessingDataLoaderIter):
-            iterator._shutdown_workers()
-        self.loader._iterator = None
+        """Stop the workers now; Lightning does it at teardown only for DataLoader objects,
+        and never when the fit ends with an exception (a stop signal included)."""
+        current = self._batches() if self._batches is not None else None
+        for iterator in (self.loader._iterator, current):  # the DataLoader keeps a persistent one to reuse its workers
+            if isinstance(iterator, _MultiProcessingDataLoaderIter):
+                iterator._shutdown_workers()
+        self.loader._iterator, self._batches = None, None
 
     def state_dict(self) -> dict[str, Any]:
         return {"ranks": gather_across_ranks(self.tracker.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(own_rank_state(state["ranks"], self.stream.rank, self.stream.world))
+
+
+# Loaders with workers, so that the workers are stopped before the interpreter exits:
+# multiprocessing's own exit handler sends them SIGTERM, which they ignore
+# (ignore_stop_signals), and would then wait for them forever.
+OPEN_LOADERS: weakref.WeakSet[StreamLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def close_open_loaders() -> None:
+    for loader in list(OPEN_LOADERS):
+        loader.close()
 
 
 def own_rank_state(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
@@ -312,7 +390,7 @@ class ShardDataModule(L.LightningDataModule):
         }
         self._shards: dict[str, list[Shard]] = {}
         self._reported = False
-        self._persistent: list[StreamLoader] = []  # a Trainer's loaders whose workers outlive a pass
+        self._loaders: list[StreamLoader] = []  # a Trainer's loaders, to stop at teardown
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -357,7 +435,10 @@ class ShardDataModule(L.LightningDataModule):
                 change = f"{stream.padding} repeated as padding" if stream.padding else f"{stream.dropped} dropped"
                 log.warning("train: %d samples on %d ranks, %s: each reads %d", stream.total, world, change, stream.per_rank)
         # Not persistent: each epoch's workers must start from the stream with its new epoch.
-        return StreamLoader(stream, self.trackers["train"], num_workers, persistent=False, epoch_fn=self.current_epoch)
+        loader = StreamLoader(stream, self.trackers["train"], num_workers, persistent=False, epoch_fn=self.current_epoch)
+        if self.trainer is not None:
+            self._loaders.append(loader)
+        return loader
 
     def val_dataloader(self) -> StreamLoader:
         rank, world = self.rank_world()
@@ -371,14 +452,14 @@ class ShardDataModule(L.LightningDataModule):
         # Persistent workers are safe here: every validation pass reads the same stream.
         loader = StreamLoader(stream, self.trackers["val"], num_workers, persistent=True, epoch_fn=lambda: 0)
         if self.trainer is not None:  # a loader its user drops shuts its workers down as garbage
-            self._persistent.append(loader)
+            self._loaders.append(loader)
         return loader
 
     def teardown(self, stage: str) -> None:
-        """Stop persistent workers at the end of fit/validate: they would outlive the Trainer."""
-        for loader in self._persistent:
+        """Stop the workers of the Trainer's loaders (persistent ones would outlive it)."""
+        for loader in self._loaders:
             loader.close()
-        self._persistent.clear()
+        self._loaders.clear()
 
     def current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else self.epoch

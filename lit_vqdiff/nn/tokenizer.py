@@ -5,6 +5,10 @@ One class serves every modality; the *frontend* says what the convolutions see:
 - ``wave``: waveforms (B, T), 1D convs on the samples themselves;
 - ``spectrogram``: waveforms (B, T), 1D convs over STFT frames with the frequency bins
   as channels; the decoder predicts log magnitudes and Griffin-Lim restores a phase.
+- ``stft``: as ``spectrogram``, but each bin brings three channels: its log magnitude and
+  its compressed complex value (real, imaginary); the decoder predicts the same, and the
+  inverse STFT of (magnitude, phase of the predicted complex pair) is the waveform:
+  phases are learned, not made up, and the decoder trains through the inverse STFT.
 
 Stage 2 uses only ``encode``/``decode`` (and the code-vector helpers for Gaussian
 diffusion), so this module is all a frozen tokenizer needs: no Lightning, no losses.
@@ -29,18 +33,26 @@ SPEC_LOG_CENTER, SPEC_LOG_SCALE = -1.5, 5.5
 # Loudest normalized log magnitude a decoder output is read as (real data peaks near 1.1):
 # keeps exp() of an overshooting prediction, and its gradient, bounded.
 SPEC_MAX_FEATURE = 1.5
+# The stft frontend's phase channels hold |S|^0.3 e^{i phase}: compressed so that quiet
+# bins' phases still count in the L1 term (speech |S| spans 1e-3..20, its 0.3 power 0.1..2.5).
+STFT_COMPRESS = 0.3
+# Added to the squared length of a predicted (re, im) pair before it is normalized to a
+# phase: bounds the gradient (1 / sqrt(eps)) where the decoder predicts no phase; a bin at
+# the log floor (|S| = 1e-3, pair length 0.13) still keeps 97% of its magnitude.
+STFT_PHASE_EPS = 1e-3
 # Sound code sequences are padded to a multiple of this, so that every patch size stage 2
 # may group them by (1, 2, 4, 8) divides their length.
 CODE_MULTIPLE = 8
+FRONTENDS = ("pixels", "wave", "spectrogram", "stft")
 ARCH_KEYS = ("channels", "channel_mult", "num_res_blocks", "z_channels", "downsample", "attention", "patch", "mid",
-             "n_fft", "hop", "griffin_lim_iters")
+             "patch_width", "n_fft", "hop", "griffin_lim_iters")
 
 
 class Tokenizer(nn.Module):
     def __init__(self, modality: str, frontend: str, arch: Mapping[str, Any], quantizer: Mapping[str, Any], signal: Mapping[str, int]):
         super().__init__()
-        if frontend not in ("pixels", "wave", "spectrogram"):
-            raise ValueError(f"unknown frontend {frontend!r}; expected pixels, wave or spectrogram")
+        if frontend not in FRONTENDS:
+            raise ValueError(f"unknown frontend {frontend!r}; expected pixels, wave, spectrogram or stft")
         self.modality, self.frontend = modality, frontend
         self.arch, self.quantizer_args, self.signal = dict(arch), dict(quantizer), dict(signal)
         self.n_fft, self.hop = int(arch.get("n_fft", 256)), int(arch.get("hop", 64))
@@ -49,7 +61,7 @@ class Tokenizer(nn.Module):
         conv_args = dict(
             channels=arch["channels"], channel_mult=list(arch["channel_mult"]), num_res_blocks=arch["num_res_blocks"],
             z_channels=arch["z_channels"], downsample=arch.get("downsample"), attention=arch.get("attention", False),
-            patch=arch.get("patch", 1), mid=arch.get("mid", True),
+            patch=arch.get("patch", 1), mid=arch.get("mid", True), patch_width=arch.get("patch_width", 0),
         )
         self.encoder = Encoder(dims, channels_in, **conv_args)
         self.decoder = Decoder(dims, channels_in, **conv_args)
@@ -65,7 +77,7 @@ class Tokenizer(nn.Module):
             return 2, int(self.signal.get("channels", 3))
         if self.frontend == "wave":
             return 1, 1
-        return 1, self.n_fft // 2 + 1
+        return 1, (self.n_fft // 2 + 1) * (3 if self.frontend == "stft" else 1)
 
     @property
     def frames(self) -> int:
@@ -97,10 +109,17 @@ class Tokenizer(nn.Module):
             return x
         if self.frontend == "wave":
             return self._check_wave(x).unsqueeze(1)
-        spec = dsp.stft_magnitude(self._check_wave(x), self.n_fft, self.hop).clamp_min(SPEC_LOG_FLOOR).log()
-        spec = (spec - SPEC_LOG_CENTER) / SPEC_LOG_SCALE
+        complex_spec = dsp.stft(self._check_wave(x), self.n_fft, self.hop)
+        magnitude = complex_spec.abs()
+        spec = (magnitude.clamp_min(SPEC_LOG_FLOOR).log() - SPEC_LOG_CENTER) / SPEC_LOG_SCALE
         floor = (torch.log(torch.tensor(SPEC_LOG_FLOOR)) - SPEC_LOG_CENTER) / SPEC_LOG_SCALE
-        return F.pad(spec, (0, self.frames - spec.shape[-1]), value=float(floor))
+        pad = self.frames - spec.shape[-1]
+        spec = F.pad(spec, (0, pad), value=float(floor))
+        if self.frontend == "spectrogram":
+            return spec
+        # |S|^p e^{i phase}; a silent bin (|S| = 0) stays 0 rather than dividing by zero.
+        compressed = complex_spec * magnitude.clamp_min(1e-12).pow(STFT_COMPRESS - 1)
+        return torch.cat([spec, F.pad(torch.cat([compressed.real, compressed.imag], 1), (0, pad))], 1)
 
     def to_signal(self, feats: torch.Tensor) -> torch.Tensor:
         """Inverse of ``features``: images in [-1, 1] or waveforms (B, T)."""
@@ -108,16 +127,35 @@ class Tokenizer(nn.Module):
             return feats.clamp(-1, 1)
         if self.frontend == "wave":
             return feats.squeeze(1).clamp(-1, 1)
+        if self.frontend == "stft":
+            return self.waveform(feats).clamp(-1, 1)
         length = self.signal["audio_samples"]
         raw = 1 + length // self.hop
         wave = dsp.griffin_lim(self.magnitude(feats[..., :raw]), self.n_fft, self.hop, n_iter=self.griffin_lim_iters, length=length)
         return wave.clamp(-1, 1)
 
+    def waveform(self, feats: torch.Tensor) -> torch.Tensor:
+        """stft frontend: the inverse STFT of features (B, T), float32, unclipped and
+        differentiable (the training loss compares it with the input).
+
+        Magnitudes come from the log-magnitude channels, phases from the direction of the
+        (re, im) pair: ``waveform(features(x))`` gives back x.
+        """
+        if self.frontend != "stft":
+            raise ValueError(f"waveform needs the stft frontend, this tokenizer's is {self.frontend!r}")
+        length = self.signal["audio_samples"]
+        bins, raw = self.n_fft // 2 + 1, 1 + length // self.hop
+        feats = feats[..., :raw].float()
+        re, im = feats[:, bins : 2 * bins], feats[:, 2 * bins :]
+        scale = self.magnitude(feats) * (re.square() + im.square() + STFT_PHASE_EPS).rsqrt()
+        return dsp.istft(torch.complex(re * scale, im * scale), self.n_fft, self.hop, length=length)
+
     def magnitude(self, feats: torch.Tensor) -> torch.Tensor:
-        """Linear STFT magnitudes (B, bins, frames) of spectrogram features, float32."""
-        if self.frontend != "spectrogram":
-            raise ValueError(f"magnitude needs the spectrogram frontend, this tokenizer's is {self.frontend!r}")
-        return (feats.float().clamp(max=SPEC_MAX_FEATURE) * SPEC_LOG_SCALE + SPEC_LOG_CENTER).exp()
+        """Linear STFT magnitudes (B, bins, frames) of spectrogram or stft features, float32."""
+        if self.frontend not in ("spectrogram", "stft"):
+            raise ValueError(f"magnitude needs the spectrogram or stft frontend, this tokenizer's is {self.frontend!r}")
+        log_magnitude = feats[:, : self.n_fft // 2 + 1].float()
+        return (log_magnitude.clamp(max=SPEC_MAX_FEATURE) * SPEC_LOG_SCALE + SPEC_LOG_CENTER).exp()
 
     def _check_wave(self, x: torch.Tensor) -> torch.Tensor:
         expected = self.signal["audio_samples"]

@@ -4,7 +4,7 @@ warmup + cosine decay, and the guard that skips steps with a non-finite loss."""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
@@ -74,11 +74,13 @@ class StageModule(L.LightningModule):
 
     # ------------------------------------------------------------------ guards
 
-    def finite_or_skip(self, loss: torch.Tensor) -> torch.Tensor | None:
+    def finite_or_skip(self, loss: torch.Tensor, undo: Callable[[], None] | None = None) -> torch.Tensor | None:
         """The loss, or None (the step is skipped) when it is NaN/Inf on any rank.
 
         All ranks must agree, or DDP's gradient all-reduce would wait forever for the
-        rank that skipped.
+        rank that skipped. ``undo`` puts back what the forward changed outside the
+        optimizer (a codebook's EMA statistics): it runs before anything else sees a
+        skipped step, the stop-and-save after too many of them included.
         """
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -90,6 +92,8 @@ class StageModule(L.LightningModule):
         self.log("train/skipped_nonfinite", self.skipped_nonfinite.float(), on_step=True, rank_zero_only=True)
         if finite:
             return loss
+        if undo is not None:
+            undo()
         if self.nonfinite_in_row >= self.max_nonfinite_in_row:
             self._stop_on_nonfinite()
         return None

@@ -32,6 +32,7 @@ from ..nn.dit import Condition, DiT, trunk_size
 from ..nn.tokenizer import Tokenizer
 from .base import StageModule
 
+TABLE_ROWS = 32  # samples per validation table
 # The frozen tokenizers stay in eval mode on purpose; Lightning's warning about modules
 # in eval mode at the start of training would fire on every stage-2 run.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -198,9 +199,30 @@ class GeneratorModule(StageModule):
         target = self.task.target
         scorer = self.scorer or Scorer(target.name, self.spec.sample_rate)
         references = [decoded_reference(target, c, self.spec) for c in conditions.items]
-        scores = scorer.score(items, [c.attributes for c in conditions.items], references, [c.label for c in conditions.items])
+        attributes, labels = [c.attributes for c in conditions.items], [c.label for c in conditions.items]
+        scores = scorer.score(items, attributes, references, labels)
         self.media.update(target.media(items, self.spec, "val/samples"))
+        self.media["val/table"] = ("table", self.sample_table(conditions, items, references,
+                                                              scorer.per_item(items, attributes, references, labels)))
         return {k: float(v) for k, v in scores.items() if k != "n" and not k.startswith("n_")}  # counts are not metrics
+
+    def sample_table(self, conditions: Conditions, items: list[Any], references: list[Any],
+                     scored: tuple[str, list[float | None]] | None) -> dict[str, Any]:
+        """The validation's samples as a table: condition, output, reference, per-sample score."""
+        source, target = self.task.source, self.task.target
+        if source.coded:  # pictures and sounds are shown as themselves
+            shown = source.items(conditions.batch(source, self.spec)[source.batch_key])
+            kind = source.name
+        else:
+            shown = [c.entry.get("text") or f"{c.entry.get('label')}: {c.entry.get('name')}" for c in conditions.items]
+            kind = "text"
+        columns, kinds = ["condition", "output", "reference"], [kind, target.name, target.name]
+        rows = [[c, out, ref] for c, out, ref in zip(shown, items, references)]
+        if scored is not None:
+            columns.append(scored[0])
+            kinds.append("number")
+            rows = [row + [value] for row, value in zip(rows, scored[1])]
+        return {"columns": columns, "kinds": kinds, "rows": rows[:TABLE_ROWS], "sample_rate": self.spec.sample_rate}
 
     def on_validation_epoch_end(self) -> None:
         logs = {"val/loss": self.val_loss.compute()}

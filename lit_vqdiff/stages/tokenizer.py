@@ -18,11 +18,14 @@ from omegaconf import DictConfig
 from torch.func import functional_call
 
 from .. import dsp
+from ..data.datamodule import gather_across_ranks
 from ..eval.reconstruction import ReconstructionMetrics, histogram_picture
 from ..modalities import MODALITIES, DecodeSpec
 from ..nn.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from ..nn.tokenizer import Tokenizer
 from .base import StageModule
+
+RINGS_KEY = "quantizer_rings"  # checkpoint key: each rank's dead-code restart rings
 
 MEDIA_ITEMS = 16
 # Magnitude exponent of the spectrogram frontend's spectral-convergence term. Measured on
@@ -84,9 +87,18 @@ class TokenizerModule(StageModule):
             # quiet note's weak 3rd harmonic (the triangle's mark) still counts.
             pred, true = (self.tokenizer.magnitude(f).pow(SPECTRAL_POWER) for f in (recon, target))
             loss = loss + t.stft_weight * dsp.spectral_convergence(pred, true)
+        elif t.stft_weight > 0 and self.tokenizer.frontend == "stft":
+            # Through the inverse STFT: predicted phases that disagree between overlapping
+            # frames cancel in the waveform and show up at every resolution.
+            pred, true = self.tokenizer.waveform(recon), self.tokenizer.waveform(target)
+            loss = loss + t.stft_weight * dsp.multi_resolution_stft_loss(pred, true)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        # The quantizer updates its codebook inside the forward, before the loss is known:
+        # a step skipped for a non-finite loss (a NaN batch) puts it back as it was.
+        quantizer = self.tokenizer.quantizer
+        before = quantizer.training_state()
         target, recon, q = self.tokenizer(self.inputs(batch))
         rec = self.reconstruction_loss(target, recon)
         loss = rec + q.loss
@@ -99,7 +111,7 @@ class TokenizerModule(StageModule):
         )
         if hasattr(self.tokenizer.quantizer, "restarts"):
             self.log("train/restarts", self.tokenizer.quantizer.restarts.float().sum(), on_step=True)
-        return self.finite_or_skip(loss)
+        return self.finite_or_skip(loss, undo=lambda: quantizer.load_training_state(before))
 
     def adversarial_terms(self, target: torch.Tensor, recon: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         """Hinge GAN: generator and discriminator terms in one loss with disjoint gradients.
@@ -127,6 +139,21 @@ class TokenizerModule(StageModule):
             d = self.cfg.tokenizer.discriminator
             opt.add_param_group({"params": list(self.disc.parameters()), "lr": d.lr, "weight_decay": 0.0})
         return {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every rank's restart ring (restarts draw from all of them): the state dict holds
+        # one copy of what the ranks share, so the rings travel beside it. A collective:
+        # Lightning calls this hook on every rank.
+        checkpoint[RINGS_KEY] = gather_across_ranks(self.tokenizer.quantizer.ring_state())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rings = checkpoint.get(RINGS_KEY)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        # On another rank count the rings start empty and refill within a few steps.
+        if rings is not None and len(rings) == world:
+            self.tokenizer.quantizer.load_ring_state(rings[rank])
 
     # ------------------------------------------------------------------ validation
 
@@ -157,4 +184,18 @@ class TokenizerModule(StageModule):
         pairs = torch.stack([x, y], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
         # input, reconstruction pairs: 8 pictures' worth, or 4 sounds'
         self.media.update(m.media(m.items(pairs), self.spec, "val/reconstructions", limit=2 * (8 if m.name == "image" else 4)))
+        self.media["val/table"] = ("table", self.reconstruction_table(x, y))
         self._media_batch = None
+
+    def reconstruction_table(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """Inputs beside their reconstructions with a per-sample score (PSNR in dB, or log-spectral distance)."""
+        m = MODALITIES[self.modality]
+        x, y = x.float(), y.float()
+        if self.modality == "image":
+            mse = (x - y).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            name, scores = "psnr", (10 * torch.log10(4.0 / mse)).tolist()  # pictures span [-1, 1]: a range of 2
+        else:
+            name, scores = "lsd", dsp.log_spectral_distance(y, x).tolist()
+        rows = [[a, b, round(float(v), 3)] for a, b, v in zip(m.items(x), m.items(y), scores)]
+        return {"columns": ["input", "reconstruction", name], "kinds": [m.name, m.name, "number"], "rows": rows,
+                "sample_rate": self.spec.sample_rate}

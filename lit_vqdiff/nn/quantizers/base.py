@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,21 @@ class Quantizer(nn.Module):
         projected = lookup_dim != dim
         self.project_in = nn.Linear(dim, lookup_dim) if projected else nn.Identity()
         self.project_out = nn.Linear(lookup_dim, dim) if projected else nn.Identity()
+
+    def training_state(self) -> dict[str, Any]:
+        """Clones of what a training forward changes outside the optimizer (codebooks and their
+        statistics), so that a skipped step can be undone; nothing for a stateless quantizer."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Put back what ``training_state`` returned."""
+
+    def ring_state(self) -> list[tuple[Tensor, int]]:
+        """This rank's rings of recent inputs for dead-code restarts (none here)."""
+        return []
+
+    def load_ring_state(self, rings: list[tuple[Tensor, int]]) -> None:
+        """Put back what ``ring_state`` returned."""
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         with no_autocast(z):

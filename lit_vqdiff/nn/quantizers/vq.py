@@ -3,9 +3,17 @@ init, dead-code restarts, all synchronized across ranks) and ResidualVQ (a stack
 
 Under torch.distributed a training-mode forward is a collective (see the package
 docstring): every rank must run the same number of them.
+
+Each rank keeps its own ring of recent lookup inputs for dead-code restarts. It is a
+plain tensor attribute, not a buffer: DDP broadcasts buffers from rank 0 before every
+forward (``broadcast_buffers``), which would replace every rank's ring by rank 0's, and
+restarts would draw rank 0's vectors world-size times. It is not in the state dict
+either (that holds what the ranks share); ``ring_state`` carries it into checkpoints.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +32,8 @@ class VectorQuantizer(Quantizer):
     """
 
     num_codebooks = 1
+    # Buffers (or the embedding parameter) that a training forward changes outside the optimizer.
+    TRAINING_STATE = ("embedding", "cluster_size", "embed_sum", "initialized", "steps", "restarts", "steps_unused")
 
     def __init__(
         self,
@@ -74,8 +84,49 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
         if restart_dead:
             # This rank's recent lookup inputs: the candidates for restarting dead codes.
-            self.register_buffer("recent", torch.zeros(restart_buffer, self.lookup_dim), persistent=False)
+            self.recent = torch.zeros(restart_buffer, self.lookup_dim)
             self.recent_count = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "recent" in self.__dict__:
+            # A private copy: tensors unpickled from torch.multiprocessing (ddp_spawn hands its
+            # ranks the module that way) live in memory shared by every rank, and Lightning
+            # makes private copies of parameters and buffers only.
+            self.recent = self.recent.clone()
+
+    def training_state(self) -> dict[str, Any]:
+        """Clones of what a training forward changes outside the optimizer: the codebook, its
+        statistics and counters, and the restart ring (``load_training_state`` puts them back)."""
+        state: dict[str, Any] = {name: getattr(self, name).detach().clone() for name in self.TRAINING_STATE if hasattr(self, name)}
+        if self.restart_dead:
+            state["ring"] = (self.recent.clone(), self.recent_count)
+        return state
+
+    @torch.no_grad()
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        for name in self.TRAINING_STATE:
+            if name in state:
+                getattr(self, name).copy_(state[name])
+        if "ring" in state:
+            self.recent, self.recent_count = state["ring"][0].clone(), state["ring"][1]
+
+    def ring_state(self) -> list[tuple[Tensor, int]]:
+        """This rank's restart ring(s), on the CPU, for a checkpoint."""
+        return [(self.recent.cpu().clone(), self.recent_count)] if self.restart_dead else []
+
+    def load_ring_state(self, rings: list[tuple[Tensor, int]]) -> None:
+        if self.restart_dead and rings:
+            ring, count = rings[0]
+            if tuple(ring.shape) != tuple(self.recent.shape):
+                raise ValueError(f"restart ring of shape {tuple(ring.shape)} in the checkpoint; this quantizer's is {tuple(self.recent.shape)}")
+            self.recent, self.recent_count = ring.to(self.recent.device).clone(), int(count)
+
+    def _ring_on(self, device: torch.device) -> Tensor:
+        """The ring on ``device`` (module.to() moves buffers, not plain attributes)."""
+        if self.recent.device != device:
+            self.recent = self.recent.to(device)
+        return self.recent
 
     def codebook(self) -> Tensor:
         """Code vectors in the lookup space, float32 (unit length when lookups are l2-normalized)."""
@@ -173,11 +224,12 @@ class VectorQuantizer(Quantizer):
 
     def _remember(self, x: Tensor) -> None:
         """Write a random subset of this batch's vectors into the ring buffer of recent ones."""
-        size = self.recent.shape[0]
+        ring = self._ring_on(x.device)
+        size = ring.shape[0]
         take = min(x.shape[0], size)
         pick = torch.randperm(x.shape[0], generator=self._generator(2))[:take]
         slots = (torch.arange(take) + self.recent_count) % size
-        self.recent[slots.to(x.device)] = x[pick.to(x.device)]
+        ring[slots.to(x.device)] = x[pick.to(x.device)]
         self.recent_count += take
 
     @torch.no_grad()
@@ -187,7 +239,8 @@ class VectorQuantizer(Quantizer):
         # steps_unused comes from all-reduced counts, so every rank takes the same branch here.
         if not bool(dead.any()):
             return
-        candidates = gather_rows(self.recent[: min(self.recent_count, self.recent.shape[0])])
+        ring = self._ring_on(self.steps_unused.device)
+        candidates = gather_rows(ring[: min(self.recent_count, ring.shape[0])])
         if candidates.shape[0] == 0:  # the same on every rank: candidates were gathered
             return
         index = dead.nonzero().squeeze(1)
@@ -237,6 +290,22 @@ class ResidualVQ(Quantizer):
     @property
     def restarts(self) -> Tensor:
         return sum(layer.restarts for layer in self.layers)
+
+    def training_state(self) -> dict[str, Any]:
+        return {"layers": [layer.training_state() for layer in self.layers]}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        for layer, layer_state in zip(self.layers, state["layers"]):
+            layer.load_training_state(layer_state)
+
+    def ring_state(self) -> list[tuple[Tensor, int]]:
+        return [ring for layer in self.layers for ring in layer.ring_state()]
+
+    def load_ring_state(self, rings: list[tuple[Tensor, int]]) -> None:
+        if rings and len(rings) != len(self.layers):
+            raise ValueError(f"{len(rings)} restart rings in the checkpoint for {len(self.layers)} layers")
+        for layer, ring in zip(self.layers, rings):
+            layer.load_ring_state([ring])
 
     def prune(self, counts: Tensor) -> Tensor:
         """Drop unused codes per layer; returns (num_quantizers, old size) old -> new tables.
