@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import os
 import platform
 import shutil
@@ -29,7 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
-CACHE_ENV = "LIT_VQDIFF_CACHE"
+from . import packaged
+from .packaged import cache_root, sha256_of
+
+CACHE_ENV = packaged.CACHE_ENV
 ARCH = "amd64"  # the pins below are for this architecture
 MULTIARCH = "x86_64-linux-gnu"
 TIMEOUT_S = 900
@@ -127,7 +129,7 @@ class Tool(NamedTuple):
 
 def cache_dir() -> Path:
     """``$LIT_VQDIFF_CACHE/debian``, ``~/.cache/lit_vqdiff/debian`` by default."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lit_vqdiff").expanduser() / "debian"
+    return cache_root() / "debian"
 
 
 def deb_name(package: str, version: str, arch: str | None = None) -> str:
@@ -135,15 +137,6 @@ def deb_name(package: str, version: str, arch: str | None = None) -> str:
     defaults to ``all`` for the packages in ``ARCH_ALL``, ``ARCH`` for the others."""
     arch = arch or ("all" if package in ARCH_ALL else ARCH)
     return f"{package}_{version.replace(':', '%3a')}_{arch}.deb"
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_command(names: Sequence[str]) -> str:

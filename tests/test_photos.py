@@ -23,7 +23,8 @@ from lit_vqdiff import debian
 from lit_vqdiff.data import photos
 from lit_vqdiff.data.description import read_description
 from lit_vqdiff.data.shards import read_sizes, read_source
-from lit_vqdiff.data.sources import SourceError, sha256_of
+from lit_vqdiff.data.sources import SourceError
+from lit_vqdiff.packaged import sha256_of
 
 
 def read_split(directory: Path, split: str) -> list[dict[str, bytes]]:

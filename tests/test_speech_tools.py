@@ -23,6 +23,7 @@ from lit_vqdiff.data.description import read_description
 from lit_vqdiff.data.shards import read_sizes
 from lit_vqdiff.data.sources import SourceError
 from lit_vqdiff.eval import codecs, speech
+from lit_vqdiff.packaged import sha256_of
 
 RATE = 8000
 
@@ -223,7 +224,7 @@ def test_cache_verifies_unpacks_and_gives_the_environment(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
     script = "#!/bin/sh\necho \"$ESPEAK_DATA_PATH|$LD_LIBRARY_PATH|$1\"\n"
     deb = fake_deb(tmp_path, "codec2", "9.9-1", {"usr/bin/c2enc": script})
-    monkeypatch.setitem(debian.PACKAGES, "codec2", ("9.9-1", debian.sha256_of(deb)))
+    monkeypatch.setitem(debian.PACKAGES, "codec2", ("9.9-1", sha256_of(deb)))
     monkeypatch.setitem(debian.GROUPS, "codec2", ("codec2",))
     fetch = r"run `python -m lit_vqdiff\.debian fetch codec2`"
     with pytest.raises(debian.DebianError, match=rf"codec2 9\.9-1 is not in .*; {fetch}"):

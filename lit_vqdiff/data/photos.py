@@ -36,7 +36,8 @@ from .. import debian
 from ..media import encode_png
 from .description import Describer
 from .shards import write_set, write_split
-from .sources import SourceError, sha256_of
+from ..packaged import sha256_of
+from .sources import SourceError
 
 NAME = "photos"
 GROUP = "photos"  # the lit_vqdiff.debian group that holds the packages

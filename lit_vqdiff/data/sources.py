@@ -30,6 +30,7 @@ from PIL import UnidentifiedImageError
 
 from .. import debian
 from ..media import encode_png
+from ..packaged import sha256_of
 from .description import Describer
 from .shards import png_of_file, wav_of_file, write_set, write_split
 
@@ -67,15 +68,6 @@ class SourceError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- checksums
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_digest(what: str, algorithm: str, actual: str, expected: str) -> None:

@@ -14,7 +14,6 @@ As a condition, a caption is read either from its bytes by a network stage 2 lea
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from ..errors import SampleError
 from ..nn.conditions import ByteTextEncoder, StateEncoder
 from ..nn.minilm import MiniLM, model_dir
+from ..packaged import sha256_of
 from ..nn.tokenizer import Tokenizer
 from .base import DecodeSpec, Modality, TokenSpace, first_member
 
@@ -53,11 +53,7 @@ def sentence_encoder() -> MiniLM:
 @functools.cache
 def sentence_encoder_checksum() -> str:
     """sha256 of the sentence encoder's weights: a token cache of its states is keyed by it."""
-    digest = hashlib.sha256()
-    with open(model_dir() / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(model_dir() / "model.safetensors")
 
 
 def encode_sentences(captions: Sequence[str], spec: DecodeSpec, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

@@ -27,8 +27,6 @@ the last partial block dropped, and its block embeddings are averaged into one v
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dsp import resample
+from ..packaged import package_file, package_folder, sha256_of
 
 WEIGHTS_PACKAGE = "aisfx==0.1.2"
 CHECKPOINT = Path("models") / "checkpoint.pth"
@@ -58,26 +57,20 @@ BATCH = 64
 
 def checkpoint_path() -> Path | None:
     """The checkpoint inside the installed aisfx package (found, never imported); None when absent."""
-    spec = importlib.util.find_spec("aisfx")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / CHECKPOINT
-    return path if path.is_file() else None
+    folder = package_folder("aisfx")
+    path = folder / CHECKPOINT if folder is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def require_checkpoint() -> Path:
     """The checkpoint, or an error saying how to install it."""
-    path = checkpoint_path()
-    if path is None:
-        raise FileNotFoundError(f"no aiSFX weights: install them with `pip install --no-deps '{WEIGHTS_PACKAGE}'` "
-                                f"(its aisfx/{CHECKPOINT} holds them)")
-    return path
+    return package_file("aisfx", CHECKPOINT, WEIGHTS_PACKAGE)
 
 
 def load_embedding_state(checkpoint: Path | None = None) -> dict[str, Tensor]:
     """The embedding network's weights (prefix stripped) from the (state_dict, datasets) checkpoint."""
     checkpoint = checkpoint or require_checkpoint()
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    digest = sha256_of(checkpoint)
     if checkpoint.name == CHECKPOINT.name and digest != CHECKPOINT_SHA256:
         raise ValueError(f"{checkpoint}: sha256 {digest}, expected {CHECKPOINT_SHA256} ({WEIGHTS_PACKAGE}); reinstall it")
     # The datasets dict holds numpy integers, pickled under numpy 1's module path; a numpy

