@@ -1,4 +1,4 @@
-"""Performance probes: how long training waits for data, and model FLOPs for MFU."""
+"""Performance probes: how long training waits for data, and how long it has run."""
 
 from __future__ import annotations
 
@@ -88,3 +88,19 @@ class StepEndMark(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.timer.mark_end(trainer)
+
+
+class Stopwatch(L.Callback):
+    """Logs ``time/minutes``, the wall time since training started (validations included),
+    with every validation: its figures against minutes give a run's time-to-quality curve.
+    A resumed run counts from its own start."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is not None and not trainer.sanity_checking:
+            pl_module.log("time/minutes", (time.perf_counter() - self._start) / 60.0, rank_zero_only=True)

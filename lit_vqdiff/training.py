@@ -32,7 +32,7 @@ from .config import config_hash
 from .data.datamodule import DataQualityError
 from .errors import Stopped, TrainingFailed
 from .loggers import build_logger, close_loggers, wandb_loggers
-from .perf import DataWaitTimer
+from .perf import DataWaitTimer, Stopwatch
 
 # Lightning's advertisement for its cloud logger and a deprecation inside Lightning itself
 # are noise in every run's output; neither is actionable here.
@@ -57,7 +57,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
     # One data-wait probe per run: the caller's, when it passes one to read afterwards.
     timer = next((c for c in callbacks if isinstance(c, DataWaitTimer)), None) or DataWaitTimer()
     callbacks = [c for c in callbacks if c is not timer]
-    all_callbacks: list[L.Callback] = [timer, StepSeed(cfg.run.seed), ConfigConsistency(),
+    all_callbacks: list[L.Callback] = [timer, Stopwatch(), StepSeed(cfg.run.seed), ConfigConsistency(),
                                        MediaLogger(run_dir, every=cfg.logger.media_every_val)]
     interactive = sys.stdout.isatty()
     if not interactive:

@@ -118,6 +118,9 @@ def test_csv_and_none_loggers(shapes_root, tmp_path, kind):
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     assert [int(r["step"]) for r in rows if r["train/loss"]] == [1, 3, 5]
     assert [int(r["step"]) for r in rows if r["val/psnr"]] == [2, 5]
+    # Minutes since training began ride along with every validation: the time-to-quality curve.
+    minutes = [float(r["time/minutes"]) for r in rows if r["time/minutes"]]
+    assert len(minutes) == 2 and 0 < minutes[0] < minutes[1]
 
 
 def test_a_pipeline_shares_its_w_and_b_group_logs_tables_artifacts_lineage_and_the_evaluation(shapes_root, tmp_path):
