@@ -87,8 +87,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
     """scaled_dot_product_attention, except for reduced precision on the CPU.
 
     There the fused CPU kernel is slower than three plain matmuls for the short
-    sequences used here (bf16, 64 tokens, head 64: 45 ms vs 8 ms forward+backward for a
-    batch of 128), because the matmuls reach the bf16 units and the fused kernel does not.
+    sequences used here, because the matmuls reach the bf16 units and the fused kernel
+    does not (docs/experiments.md, stage 2).
     """
     if q.device.type != "cpu" or q.dtype == torch.float32 or dropout > 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)

@@ -28,9 +28,8 @@ from .base import StageModule
 RINGS_KEY = "quantizer_rings"  # checkpoint key: each rank's dead-code restart rings
 
 MEDIA_ITEMS = 16
-# Magnitude exponent of the spectrogram frontend's spectral-convergence term. Measured on
-# shapes-v1 after 3000 steps: verifier agreement 0.998 with 0.5, 0.68 with 1 (quiet notes
-# and weak harmonics get lost); without the term (log-magnitude L1 alone), 0.04 at 1500.
+# Magnitude exponent of the spectrogram frontend's spectral-convergence term: below 1, so
+# quiet notes and weak harmonics still weigh (docs/experiments.md, audio tokenizer).
 SPECTRAL_POWER = 0.5
 
 
@@ -59,8 +58,8 @@ class TokenizerModule(StageModule):
         self.val_metrics = ReconstructionMetrics(self.modality, q.codebook_size, q.num_codebooks, cfg.data.sample_rate,
                                                  verifier=verifier)
         self._media_batch: dict[str, torch.Tensor] | None = None
-        # NHWC lets oneDNN (and cuDNN) skip layout conversions around every convolution:
-        # the image tokenizer's training step measured 1.5-7% faster on the 2-core CPU.
+        # NHWC lets oneDNN (and cuDNN) skip layout conversions around every convolution
+        # (docs/experiments.md, image tokenizer).
         self.channels_last = cfg.trainer.channels_last and self.modality == "image"
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
