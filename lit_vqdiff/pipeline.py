@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -330,9 +331,19 @@ def train_stage1(planned: Plan) -> Path:
 BEST_STAGE1 = {"image": ("val/psnr", "max"), "audio": ("val/lsd", "min")}
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, quiet about the folder it shares with last.ckpt."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # last.ckpt lives in the same folder, so a resumed run always finds it non-empty.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+
 def best_checkpoint(run_dir: Path, monitor: str, mode: str) -> ModelCheckpoint:
     """Keeps ``checkpoints/best.ckpt``: the validation with the best ``monitor`` so far."""
-    return ModelCheckpoint(dirpath=run_dir / runs.CHECKPOINT_DIR, filename="best", monitor=monitor, mode=mode,
+    return BestCheckpoint(dirpath=run_dir / runs.CHECKPOINT_DIR, filename="best", monitor=monitor, mode=mode,
                            save_top_k=1, save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
 
 
