@@ -334,6 +334,11 @@ BEST_STAGE1 = {"image": ("val/psnr", "max"), "audio": ("val/lsd", "min")}
 class BestCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, quiet about the folder it shares with last.ckpt."""
 
+    @property
+    def state_key(self) -> str:
+        # Saved under ModelCheckpoint's key, so checkpoints written before this class existed resume their best.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # last.ckpt lives in the same folder, so a resumed run always finds it non-empty.
         with warnings.catch_warnings():

@@ -127,6 +127,22 @@ def test_resuming_run_dir_uses_the_saved_config(tmp_path):
         load_config("stage2", [f"run.dir={run}"])
 
 
+def test_the_command_that_started_a_run_resumes_it_presets_included(tmp_path):
+    # A requeued job repeats its command word for word, presets (group=name) and all.
+    run = tmp_path / "run"
+    run.mkdir()
+    command = ["logger=csv", "trainer=ddp", "trainer.max_steps=33", "modality=audio", "tokenizer=speech"]
+    save_config(load_config("stage1", command), run / "config.yaml")
+    cfg = load_config("stage1", [f"run.dir={run}", *command])
+    fresh = load_config("stage1", command)
+    fresh.run.dir = str(run)
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(fresh)
+    longer = load_config("stage1", [f"run.dir={run}", *command, "trainer.max_steps=50"])
+    assert longer.trainer.max_steps == 50 and longer.logger.kind == cfg.logger.kind
+    with pytest.raises(ConfigError, match="logger=nowhere: no preset"):
+        load_config("stage1", [f"run.dir={run}", "logger=nowhere"])
+
+
 def test_cli_bad_config_exits_2_before_creating_anything(tmp_path, capsys):
     root = tmp_path / "runs"
     code = main(["train", "stage1", f"run.root={root}", "trainer.max_stepz=3"])

@@ -67,10 +67,16 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = (), conf_di
     pairs = [_split_override(o) for o in overrides]
     resumed = _resumed_config(stage, dict(pairs).get("run.dir"))
     if resumed is not None:
-        # Resuming: the run's own saved config is the base; overrides still apply on top
-        # (e.g. a larger trainer.max_steps), groups do not re-apply their presets.
+        # Resuming: the run's own saved config is the base. The command that started the run
+        # (a requeued job repeats it) re-applies its presets, then its key=value overrides,
+        # so the same command gives the same config and a larger trainer.max_steps still wins.
+        dirs = conf_dirs(conf_dir)
         for key, value in pairs:
-            resumed = _apply_override(resumed, key, value)
+            if key in GROUPS and OmegaConf.is_dict(resumed.get(key)):
+                resumed = _merge_group(resumed, dirs, key, value)
+        for key, value in pairs:
+            if not (key in GROUPS and OmegaConf.is_dict(resumed.get(key))):
+                resumed = _apply_override(resumed, key, value)
         validate(resumed)
         return resumed
     cfg = OmegaConf.structured(SCHEMAS[stage])

@@ -16,6 +16,7 @@ reconstructions' Frechet distance beside the real-vs-real floor, and classic bas
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -217,12 +218,17 @@ def sound_baselines(originals: Sequence[np.ndarray], rate: int) -> dict[str, dic
     return out
 
 
+# The figures of a reconstruct run, beside its orig/ and recon/ folders.
+REPORT_FILE = "reconstruction.json"
+
+
 @torch.no_grad()
 def reconstruct_command(n: int, out: str | Path, ckpt: str | None = None, modality: str = "image",
                         baselines: bool = True) -> dict[str, Any]:
     """Reconstruct n validation inputs into ``out``/orig and ``out``/recon; returns the figures:
     fidelity and codebook health, the rate the codes carry, on real data the reconstructions'
     Frechet distance beside the floor, and classic baselines at the same or a higher rate.
+    The same figures are written to ``out``/reconstruction.json.
 
     ``modality`` only picks the default artifact: a given ``ckpt`` brings its own. Inputs
     come from the validation split of the data set the tokenizer was trained on (the
@@ -266,4 +272,5 @@ def reconstruct_command(n: int, out: str | Path, ckpt: str | None = None, modali
     if baselines:
         bits = report["rate"].get("bits_per_pixel")
         report["baselines"] = picture_baselines(originals, bits) if modality == "image" else sound_baselines(originals, rate)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
