@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 
 
 class DataWaitTimer(L.Callback):
@@ -104,3 +105,36 @@ class Stopwatch(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is not None and not trainer.sanity_checking:
             pl_module.log("time/minutes", (time.perf_counter() - self._start) / 60.0, rank_zero_only=True)
+
+
+# On a CPU, bf16 autocast pays only where the cores multiply bf16 at least this much faster
+# than fp32 (AVX512-BF16 or AMX); CPUs that emulate it run bf16 matmuls slower than fp32.
+BF16_SPEEDUP_NEEDED = 1.3
+_cpu_bf16_speedup: float | None = None
+
+
+def cpu_bf16_speedup(size: int = 512, seconds: float = 0.1) -> float:
+    """How much faster this CPU multiplies bf16 matrices than fp32 ones (measured once per process)."""
+    global _cpu_bf16_speedup
+    if _cpu_bf16_speedup is None:
+        rates = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            a @ b  # warm-up: oneDNN picks its kernel on the first call
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                a @ b
+                count += 1
+            rates[dtype] = count / (time.perf_counter() - start)
+        _cpu_bf16_speedup = rates[torch.bfloat16] / rates[torch.float32]
+    return _cpu_bf16_speedup
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16-mixed on a GPU, and on a CPU whose bf16 matmuls pay (see
+    BF16_SPEEDUP_NEEDED), else 32-true. Any other value is returned as it is."""
+    if precision != "auto":
+        return precision
+    if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed"
+    return "bf16-mixed" if cpu_bf16_speedup() >= BF16_SPEEDUP_NEEDED else "32-true"

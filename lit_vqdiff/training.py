@@ -32,7 +32,7 @@ from .config import config_hash
 from .data.datamodule import DataQualityError
 from .errors import Stopped, TrainingFailed
 from .loggers import build_logger, close_loggers, wandb_loggers
-from .perf import DataWaitTimer, Stopwatch
+from .perf import DataWaitTimer, Stopwatch, resolve_precision
 
 # Lightning's advertisement for its cloud logger and a deprecation inside Lightning itself
 # are noise in every run's output; neither is actionable here.
@@ -76,7 +76,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback] | 
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_epochs=-1,
         max_time=dt.timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None,
@@ -185,6 +185,7 @@ def run_figures(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]
         "train_seconds": round(seconds, 1),
         "steps_per_s": round(trainer.global_step / seconds, 2) if seconds > 0 else None,
         "data_wait_fraction": data_wait_fraction(trainer),
+        "precision": str(trainer.precision),  # what trainer.precision=auto chose, too
     }
     device = trainer.strategy.root_device
     if device.type == "cuda":

@@ -15,6 +15,7 @@ from conftest import tiny_stage1, tiny_stage2, resolved
 from test_ops_logging import history, wandb_records
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
+from lit_vqdiff import perf
 from lit_vqdiff.callbacks import EMAWeights
 from lit_vqdiff.cli import main
 from lit_vqdiff.config import CONF_DIR, ConfigError, config_hash, load_config
@@ -55,6 +56,24 @@ def test_cpu_precisions_build_a_trainer(tmp_path, precision, plugin):
     cfg = load_config("stage1", [f"trainer.precision={precision}", "logger=none"])
     trainer = build_trainer(cfg, tmp_path)
     assert type(trainer.precision_plugin) is plugin and trainer.precision == precision
+
+
+@pytest.mark.parametrize("speedup, chosen, plugin", [(3.8, "bf16-mixed", MixedPrecision), (0.55, "32-true", Precision)])
+def test_auto_precision_takes_bf16_only_where_this_cpu_multiplies_it_faster(tmp_path, monkeypatch, speedup, chosen, plugin):
+    # 3.8: AVX512-BF16 on AMD Zen 5; 0.55: a Xeon that converts bf16 to fp32 for every matmul.
+    monkeypatch.setattr(perf, "_cpu_bf16_speedup", speedup)
+    cfg = load_config("stage1", ["trainer.precision=auto", "logger=none"])
+    trainer = build_trainer(cfg, tmp_path)
+    assert type(trainer.precision_plugin) is plugin and trainer.precision == chosen
+    assert perf.resolve_precision("auto", "gpu") == "bf16-mixed"
+    assert perf.resolve_precision("bf16-true", "cpu") == "bf16-true"  # a named precision is kept
+
+
+def test_the_bf16_probe_measures_a_ratio_once(monkeypatch):
+    monkeypatch.setattr(perf, "_cpu_bf16_speedup", None)
+    first = perf.cpu_bf16_speedup(size=64, seconds=0.01)
+    assert 0.02 < first < 50
+    assert perf.cpu_bf16_speedup() == first  # cached: every trainer of a process agrees
 
 
 @pytest.mark.parametrize("override, named", [("trainer.precision=16-mixed", "trainer.precision=16-mixed"),

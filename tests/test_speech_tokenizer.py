@@ -133,7 +133,7 @@ def test_speech_preset_learns_on_a_few_sentences(speech_root, tmp_path, frontend
     run_dir = tmp_path / "run"
     steps = 40
     assert main(["train", "stage1", "modality=audio", "tokenizer=speech", f"tokenizer.frontend={frontend}",
-                 f"data.root={speech_root}", f"run.dir={run_dir}", "data.num_workers=0", "data.batch_size=5",
+                 f"data.root={speech_root}", f"run.dir={run_dir}", f"run.root={tmp_path / 'runs'}", "data.num_workers=0", "data.batch_size=5",
                  "data.audio_samples=8000", "tokenizer.channels=32", "tokenizer.patch_width=32",
                  "tokenizer.quantizer.codebook_size=32", "tokenizer.quantizer.num_quantizers=4",
                  f"trainer.max_steps={steps}", f"trainer.val_every_steps={steps}", "trainer.log_every_steps=1",

@@ -133,7 +133,7 @@ class TrainerConfig:
     devices: int = 1  # devices per node; -1 = all
     num_nodes: int = 1  # nodes of a multi-node run
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed (GPU) | bf16-true
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed (GPU) | bf16-true | auto (bf16-mixed where it pays)
     max_steps: int = 4000  # optimizer steps of the run
     max_minutes: float = 0.0  # wall-clock budget; 0 = none
     val_every_steps: int = 500  # validation interval
@@ -265,7 +265,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer.quantizer.kind": ("vq", "rvq", "fsq"),
     "tokenizer.quantizer.update": ("ema", "grad"),
     "optim.schedule": ("cosine", "constant"),
-    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
+    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "auto"),
     "logger.kind": ("wandb", "csv", "none"),
     "logger.mode": ("offline", "online", "disabled"),
     "generator.objective": ("mask", "uniform", "mask_replace", "gaussian"),
