@@ -35,6 +35,12 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # Other processes' load when the figures were written (1, 5, 15 min): on a shared
+        # machine, absolute times shift with it; ratios measured in one run hold better.
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        # libgomp spin-waits at every parallel region by default; on a machine shared with other
+        # busy processes PASSIVE keeps a descheduled thread from stalling the other one.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     return info
 
@@ -67,11 +73,12 @@ def matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, device: s
     return 2 * size**3 / seconds
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """bench/results/<name>.json with the machine description and a timestamp."""
+def write_result(name: str, payload: dict[str, Any], echo: bool = True) -> Path:
+    """bench/results/<name>.json with the machine description and a timestamp (printed too with ``echo``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     body = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **payload}
     path.write_text(json.dumps(body, indent=2) + "\n")
-    print(json.dumps(body, indent=2))
+    if echo:
+        print(json.dumps(body, indent=2))
     return path

@@ -7,6 +7,7 @@ length x width per token for attention (forward and backward); for stage 1 (conv
 are counted by torch's FLOP counter over one forward and backward.
 
     .venv/bin/python bench/train_throughput.py [--presets default,DiT-B] [--compile off,on]
+    python bench/train_throughput.py --device cuda --compile on --gpu-presets DiT-XL/2,DiT-XL/2 --gpu-batches 128,256
 
 With ``--device cuda`` it measures instead the DiT paper's setting on a GPU: class-conditional
 Gaussian diffusion on 32x32x4 latents with patch 2 (256 tokens, learned sigma), bf16 autocast,
@@ -94,13 +95,13 @@ def stage2_step(preset: str, batch: int, precision: str, compiled: bool) -> dict
             "params": sum(q.numel() for q in params)}
 
 
-def latent_step_gpu(preset: str, batch: int, compiled: bool) -> dict[str, Any]:
+def latent_step_gpu(preset: str, batch: int, compiled: bool, mode: str = "default") -> dict[str, Any]:
     """One bf16 training step of a class-conditional latent DiT at 256 px (the DiT paper's setting)."""
     device = torch.device("cuda")
     with device:
         dit = build_dit(preset, input="latent", seq_shape=(32, 32), in_channels=4, num_classes=1000, learn_sigma=True)
     diffusion = GaussianDiffusion(1000, "linear", "eps", learn_sigma=True)
-    model = torch.compile(dit) if compiled else dit
+    model = torch.compile(dit, mode=None if mode == "default" else mode) if compiled else dit
     opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, fused=True)
     x0 = torch.randn(batch, 4, 32, 32, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
@@ -116,19 +117,19 @@ def latent_step_gpu(preset: str, batch: int, compiled: bool) -> dict[str, Any]:
     seconds = timed(step, repeats=10, warmup=3, sync=True)
     flops = dit_flops_per_sample(dit, None) * batch
     return {"preset": preset, "batch": batch, "tokens_per_sample": math.prod(dit.grid), "precision": "bf16-mixed",
-            "compile": compiled, "step_s": round(seconds, 4), "steps_per_s": round(1 / seconds, 2),
+            "compile": compiled, "compile_mode": mode if compiled else None, "step_s": round(seconds, 4), "steps_per_s": round(1 / seconds, 2),
             "samples_per_s": round(batch / seconds, 1), "model_flops_per_step": flops, "achieved_flops": flops / seconds,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "params": sum(q.numel() for q in dit.parameters())}
 
 
-def gpu_main(presets: list[str], batches: list[int], compile_modes: list[str]) -> None:
+def gpu_main(presets: list[str], batches: list[int], compile_modes: list[str], mode: str = "default") -> None:
     """The GPU measurements, written after each one so that a run cut short keeps what it had."""
     peak = matmul_flops(torch.bfloat16, size=8192, device="cuda", repeats=10)
     results: dict[str, Any] = {"matmul_flops": {"bf16": peak}, "stage2_latent": []}
     for compiled in compile_modes:
         for preset, batch in zip(presets, batches):
-            r = latent_step_gpu(preset, batch, compiled == "on")
+            r = latent_step_gpu(preset, batch, compiled == "on", mode)
             r["mfu"] = round(r["achieved_flops"] / peak, 3)
             results["stage2_latent"].append(r)
             write_result("train_throughput_gpu", results)
@@ -172,9 +173,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--gpu-presets", default="DiT-B/2,DiT-XL/2")
     parser.add_argument("--gpu-batches", default="256,128", help="per preset of --gpu-presets")
+    parser.add_argument("--gpu-compile-mode", default="default",
+                        help="torch.compile mode of the GPU runs: default, max-autotune-no-cudagraphs, ...")
     args = parser.parse_args()
     if args.device == "cuda":
-        gpu_main(args.gpu_presets.split(","), [int(b) for b in args.gpu_batches.split(",")], args.compile.split(","))
+        gpu_main(args.gpu_presets.split(","), [int(b) for b in args.gpu_batches.split(",")], args.compile.split(","),
+                 args.gpu_compile_mode)
         return
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
     results: dict[str, Any] = {"matmul_flops": peak, "stage2": [], "stage1": []}
