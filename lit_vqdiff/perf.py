@@ -94,17 +94,28 @@ class StepEndMark(L.Callback):
 class Stopwatch(L.Callback):
     """Logs ``time/minutes``, the wall time since training started (validations included),
     with every validation: its figures against minutes give a run's time-to-quality curve.
-    A resumed run counts from its own start."""
+    The time travels in checkpoints, so a resumed run's curve goes on where it stopped."""
 
     def __init__(self) -> None:
         self._start: float | None = None
+        self._before = 0.0  # seconds trained by the processes this run resumed from
+
+    @property
+    def seconds(self) -> float:
+        return self._before + (time.perf_counter() - self._start if self._start is not None else 0.0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is not None and not trainer.sanity_checking:
-            pl_module.log("time/minutes", (time.perf_counter() - self._start) / 60.0, rank_zero_only=True)
+            pl_module.log("time/minutes", self.seconds / 60.0, rank_zero_only=True)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self._before = float(state_dict.get("seconds", 0.0))
 
 
 # On a CPU, bf16 autocast pays only where the cores multiply bf16 at least this much faster

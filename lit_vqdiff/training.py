@@ -157,7 +157,10 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataM
         if not (finished and keep_logging):
             close_loggers(trainer)  # also under ddp_spawn, where this process made the run the ranks attached to
         runs.leave_run(run_dir)
-    module.train_seconds = time.monotonic() - started
+    watch = next(c for c in trainer.callbacks if isinstance(c, Stopwatch))
+    # Training time over every process of the run (resumes included), from the stopwatch
+    # that checkpoints carry; a fit that never reached its first step counts its set-up.
+    module.train_seconds = watch.seconds if watch.seconds > 0 else time.monotonic() - started
     if signame:
         raise Stopped(signame, f"stopped by {signame} at step {trainer.global_step}: saved {saver.path}; {resume_with}")
     completed_fit = (cfg.stage, Path(run_dir))

@@ -3,6 +3,8 @@ and the media; a W&B failure costs one warning, never the run; csv and none work
 
 from __future__ import annotations
 
+import csv
+
 import json
 import subprocess
 import sys
@@ -121,6 +123,15 @@ def test_csv_and_none_loggers(shapes_root, tmp_path, kind):
     # Minutes since training began ride along with every validation: the time-to-quality curve.
     minutes = [float(r["time/minutes"]) for r in rows if r["time/minutes"]]
     assert len(minutes) == 2 and 0 < minutes[0] < minutes[1]
+    first = json.loads((run_dir / "summary.json").read_text())["train_seconds"]
+
+    # A resumed run's clock goes on from where the checkpoint left it, in the curve and the summary.
+    assert main(["train", "stage1", f"run.dir={run_dir}", "trainer.max_steps=9"]) == 0
+    resumed = run_dir / "csv-1" / "metrics.csv"  # each resumption logs into a folder of its own
+    later = [float(r["time/minutes"]) for r in csv.DictReader(resumed.read_text().splitlines()) if r["time/minutes"]]
+    assert len(later) == 1 and later[0] > minutes[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 9 and summary["train_seconds"] > first
 
 
 def test_a_pipeline_shares_its_w_and_b_group_logs_tables_artifacts_lineage_and_the_evaluation(shapes_root, tmp_path):
