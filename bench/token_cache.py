@@ -87,10 +87,15 @@ def timed_fit(cfg: Any, module: GeneratorModule, data: Any, task: str, cached: b
             "data_wait_fraction": round(timer.fraction, 4), "timed_steps": len(timed_marks) - 1}
 
 
+DEFAULT_TOKENIZERS = {m: Path("runs") / f"latest-stage1-{m}-shapes-v1" for m in ("image", "audio")}
+
+
 def steps_per_second(task: str, cached: bool, steps: int, warmup: int) -> dict[str, float]:
     """The default config of ``task`` with its default tokenizers, from the cache or not."""
     with tempfile.TemporaryDirectory() as tmp:
-        planned = plan(load_config("stage2", [f"task={task}", f"run.root={tmp}", "logger=none",
+        # The repository's tokenizers when they exist (runs/latest-stage1-*), else trained into tmp.
+        mine = [f"tokenizers.{m}={link}" for m, link in DEFAULT_TOKENIZERS.items() if link.exists()]
+        planned = plan(load_config("stage2", [f"task={task}", f"run.root={tmp}", "logger=none", *mine,
                                               f"trainer.max_steps={warmup + steps}", f"trainer.val_every_steps={10 * (warmup + steps)}",
                                               "sampling.val_n=0", f"tokenizers.cache={str(cached).lower()}",
                                               "trainer.checkpoint_every_minutes=0"]))  # no last.ckpt save inside the timing

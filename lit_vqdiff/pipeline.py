@@ -403,16 +403,20 @@ def export_tokenizer(cfg: DictConfig, module: TokenizerModule, datamodule: Shard
     key = MODALITIES[cfg.modality].batch_key
     counts = torch.zeros(q.num_codebooks, q.codebook_size, dtype=torch.long)
     total, total_sq, n = 0.0, 0.0, 0
-    for batch in datamodule.val_dataloader():
-        x = batch[key][batch["valid"].bool()]
-        codes = tokenizer.encode(x)
-        rows = codes.reshape(1, -1) if q.num_codebooks == 1 else codes.movedim(1, 0).reshape(q.num_codebooks, -1)
-        counts += torch.stack([torch.bincount(r, minlength=q.codebook_size) for r in rows])
-        vec = tokenizer.code_vectors(codes).float()
-        dims = [0] + list(range(2, vec.dim()))
-        total = total + vec.sum(dims)
-        total_sq = total_sq + vec.pow(2).sum(dims)
-        n += vec.numel() // vec.shape[1]
+    loader = datamodule.val_dataloader()
+    try:
+        for batch in loader:
+            x = batch[key][batch["valid"].bool()]
+            codes = tokenizer.encode(x)
+            rows = codes.reshape(1, -1) if q.num_codebooks == 1 else codes.movedim(1, 0).reshape(q.num_codebooks, -1)
+            counts += torch.stack([torch.bincount(r, minlength=q.codebook_size) for r in rows])
+            vec = tokenizer.code_vectors(codes).float()
+            dims = [0] + list(range(2, vec.dim()))
+            total = total + vec.sum(dims)
+            total_sq = total_sq + vec.pow(2).sum(dims)
+            n += vec.numel() // vec.shape[1]
+    finally:
+        loader.close()  # its workers are persistent: the fit's teardown is over, nothing else stops them
     mean = total / max(n, 1)
     std = (total_sq / max(n, 1) - mean.pow(2)).clamp_min(1e-12).sqrt()
     remap = None

@@ -560,3 +560,34 @@ def test_waiting_ranks_learn_of_rank_zero_failing_at_once(shapes_root, tmp_path,
         raise KeyboardInterrupt
     with pytest.raises(RankZeroFailed, match="shapes-v1 shards"):
         ensure_dataset(data)
+
+
+
+LINGERING_LOADER = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import SHAPES_SIZES
+from lit_vqdiff.config.schema import DataConfig
+from lit_vqdiff.data.datamodule import OPEN_LOADERS, ShardDataModule
+cfg = DataConfig(root={root!r}, batch_size=4, val_batch_size=4, num_workers=2, **SHAPES_SIZES)
+loader = ShardDataModule(cfg, ("image",), seed=0).val_dataloader()
+print(sum(1 for _ in loader), "batches", flush=True)
+LINGERING = loader.loader  # the DataLoader and its persistent workers outlive the StreamLoader...
+OPEN_LOADERS.discard(loader)  # ...which nothing remembers any more
+"""
+
+
+def test_a_process_exits_even_when_loader_workers_linger(shapes_root, tmp_path):
+    """Workers ignore SIGTERM, which is how multiprocessing ends them at exit: a process that
+    still had some (after a pipeline had trained its own tokenizer first) did all its work and
+    then never exited. The exit handler closes known loaders and kills workers left over."""
+    script = LINGERING_LOADER.format(tests=str(Path(__file__).parent), root=str(shapes_root))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the process hung at exit, waiting for its loader workers")
+    assert proc.returncode == 0 and "batches" in out, err[-2000:]
+    assert "Traceback" not in err and "killed by signal" not in err, err[-2000:]

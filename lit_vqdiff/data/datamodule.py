@@ -22,6 +22,8 @@ import atexit
 import glob
 import json
 import logging
+import multiprocessing
+import multiprocessing.util  # noqa: F401  (registers its exit handler before ours)
 import os
 import shlex
 import signal
@@ -357,10 +359,21 @@ class StreamLoader:
 OPEN_LOADERS: weakref.WeakSet[StreamLoader] = weakref.WeakSet()
 
 
-@atexit.register
+@atexit.register  # after multiprocessing.util's own handler (imported above): atexit runs last-in first-out
 def close_open_loaders() -> None:
     for loader in list(OPEN_LOADERS):
-        loader.close()
+        try:
+            loader.close()
+        except Exception as err:  # one broken loader must not leave the others' workers behind
+            log.warning("could not stop a loader's workers cleanly: %s", err)
+    # Workers of a loader that is gone but whose iterator lingers (a reference cycle not yet
+    # collected) are still daemonic children; SIGTERM would not stop them, SIGKILL does.
+    lingering = [child for child in multiprocessing.active_children() if child.daemon and child.is_alive()]
+    if lingering:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these deaths as worker failures
+    for child in lingering:
+        child.kill()
+        child.join(timeout=5)
 
 
 def own_rank_state(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
