@@ -105,6 +105,14 @@ def mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def shown_path(path: Path) -> str:
+    """A run folder as the page's reader knows it: relative to where the report was made, when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def load_run(path: Path | str) -> Run:
     """A run folder (a ``latest-*`` link to one, or a file inside it): config, summary and metric history."""
     given = Path(path)
@@ -512,7 +520,7 @@ def section_overview(run: Run) -> str:
     rows = [["stage", html.escape(run.stage)],
             ["task" if run.stage == "stage2" else "modality", html.escape(run.kind)],
             ["data set", html.escape(run.dataset)],
-            ["folder", f"<code>{html.escape(str(run.path))}</code>"],
+            ["folder", f"<code>{html.escape(shown_path(run.path))}</code>"],
             ["logger", html.escape(f"{logger}" + (f" (history from {run.history_source})" if run.history_source else " (no history found)"))],
             ["checkpoints", html.escape(", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB)" for p in ckpts) or "none")]]
     name = mapping(run.config, "run").get("name")

@@ -318,3 +318,12 @@ def test_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no runs"):
         report.write_report([], tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_run_folders_are_named_relative_to_where_the_report_was_made(tmp_path, monkeypatch):
+    from lit_vqdiff.report import shown_path
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "runs" / "stage1-x") == "runs/stage1-x"  # a page kept in a repository names no machine
+    outside = tmp_path.parent / "elsewhere"
+    assert shown_path(outside) == str(outside)
