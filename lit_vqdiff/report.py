@@ -37,6 +37,7 @@ import yaml
 from PIL import Image
 
 from . import media
+from .jsonl import json_lines
 
 MAX_SAMPLES = 64  # samples of a stage-2 run shown (with their conditions and references)
 MAX_SOUND_SAMPLES = 16  # fewer when sounds are involved: a second of WAV is ~20 kB of base64
@@ -662,15 +663,10 @@ def score_cell(entry: dict[str, Any]) -> str:
 
 def read_manifest_lines(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     entries = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+    for lineno, entry in json_lines(path.read_text().splitlines()):
+        if isinstance(entry, json.JSONDecodeError):
             notes.append(f"{path.name}:{lineno}: not JSON, left out")
-            continue
-        if isinstance(entry, dict):
+        elif isinstance(entry, dict):
             entries.append(entry)
     return entries
 

@@ -29,6 +29,7 @@ import soundfile as sf
 from PIL import UnidentifiedImageError
 
 from .. import debian
+from ..jsonl import json_lines
 from ..media import encode_png
 from ..packaged import sha256_of
 from .description import Describer
@@ -135,13 +136,9 @@ def _csv_rows(lines: Iterable[str], name: str) -> list[tuple[str, dict[str, Any]
 
 def _jsonl_rows(lines: Iterable[str], name: str) -> list[tuple[str, dict[str, Any]]]:
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SourceError(f"{name} line {n}: not valid JSON ({err.msg})") from None
+    for n, row in json_lines(lines):
+        if isinstance(row, json.JSONDecodeError):
+            raise SourceError(f"{name} line {n}: not valid JSON ({row.msg})")
         if not isinstance(row, dict):
             raise SourceError(f"{name} line {n}: expected a JSON object with file, caption[, label]")
         rows.append((f"{name} line {n}", row))

@@ -26,6 +26,7 @@ from ..data.decode import collate, decode_sample
 from ..data.description import class_names
 from ..data.stream import RawSample, read_shard
 from ..errors import SampleError
+from ..jsonl import json_lines
 from ..modalities import DecodeSpec, Modality, Task
 from ..modalities.text import text_of
 
@@ -171,21 +172,18 @@ def read_prompts(path: Path | str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {path}: not found")
-    prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        prompts = [line.strip() for line in lines if line.strip()]
+    else:
+        prompts = []
+        for lineno, row in json_lines(lines):
+            if isinstance(row, json.JSONDecodeError):
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({row.msg})")
             text = next((row[k] for k in ("text", "caption", "prompt") if isinstance(row, dict) and isinstance(row.get(k), str)), None)
             if text is None:
                 raise ValueError(f"{path}:{lineno}: expected an object with a text, caption or prompt string")
             prompts.append(text)
-        else:
-            prompts.append(line.strip())
     if not prompts:
         raise ValueError(f"--prompts {path}: no prompts in it")
     return prompts

@@ -21,6 +21,7 @@ from ..config import DataConfig
 from ..data import shapes
 from ..data.description import is_shapes
 from ..data.prepare import load_description
+from ..jsonl import json_lines
 from ..modalities import MODALITIES, DecodeSpec, parse_task
 from .classifier import data_classifier
 from .conditions import real_items
@@ -36,13 +37,9 @@ def read_manifest(directory: Path | str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; `lit-vqdiff sample --out {directory}` writes one")
     entries = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    for lineno, entry in json_lines(path.read_text().splitlines()):
+        if isinstance(entry, json.JSONDecodeError):
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({entry.msg})")
         missing = [k for k in ("id", "task", "condition", "output") if k not in entry]
         if missing:
             raise ValueError(f"{path}:{lineno}: missing keys {missing}")
