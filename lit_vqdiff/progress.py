@@ -51,4 +51,5 @@ def _line(desc: str, done: int, total: int | None, unit: str, seconds: float, fi
     rate = done / seconds if seconds > 0 else 0.0
     of = f"/{total}" if total else ""
     state = "done" if finished else (f"~{(total - done) / rate:.0f} s left" if total and rate > 0 else "")
-    return f"{desc}: {done}{of} {unit}s in {seconds:.0f} s ({rate:.1f} {unit}/s){', ' + state if state else ''}"
+    units = unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
+    return f"{desc}: {done}{of} {units} in {seconds:.0f} s ({rate:.1f} {unit}/s){', ' + state if state else ''}"
