@@ -42,7 +42,8 @@ class MaskReplaceDiffusion(DiscreteDiffusion):
             raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
         if not 0.0 <= replace <= 1.0:
             raise ValueError(f"replace must be in [0, 1], got {replace!r}")
-        u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        # A host-side table, also when built under the plan's meta-device dry run.
+        u = torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps
         gamma = MaskSchedule(schedule)(u)
         gamma[-1] = 1.0  # important! sampling starts from all masks, so x_T must be all masks.
         rho = 1.0 - replace * u
