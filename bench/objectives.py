@@ -8,8 +8,8 @@ with the same steps, batch and learning rate on:
 - Fashion-MNIST class->image: class consistency and Frechet distance (Inception) beside its floor.
 
 Each run is a plain ``lit-vqdiff train stage2`` in its own process (under ``runs/bench-objectives``,
-over the data set's existing tokenizer ``runs/latest-stage1-image-<data set>``, so every row reads
-the same codes). Time per step comes from the run's summary; time per sample is ``generate``
+over the data set's tokenizer ``runs/latest-stage1-image-<data set>``, trained first at defaults when
+missing, so every row reads the same codes). Time per step comes from the run's summary; time per sample is ``generate``
 over a batch of 64 val conditions in fp32, as ``lit-vqdiff sample`` runs.
 
     .venv/bin/python bench/objectives.py                       # 400 steps per run, both data sets
@@ -52,19 +52,22 @@ def train(data: str, objective: str, steps: int, root: Path) -> Path:
     run_dir = root / f"{data}-{objective}"
     if (run_dir / "summary.json").exists():
         return run_dir  # finished by an earlier call: rows are kept, not retrained
-    if not (ROOT / tokenizer).exists():
-        sys.exit(f"{tokenizer} is missing: train the {data} tokenizer first (lit-vqdiff train stage1 ...)")
+    if not (ROOT / tokenizer).exists():  # every row reads the codes of one tokenizer: trained once, at defaults
+        run_logged([str(ROOT / ".venv/bin/lit-vqdiff"), "train", "stage1", *overrides, "logger=csv"], root / f"{data}-tokenizer.log")
     command = [str(ROOT / ".venv/bin/lit-vqdiff"), "train", "stage2", *overrides, f"task={task}",
                f"generator.objective={objective}", f"trainer.max_steps={steps}", f"trainer.val_every_steps={steps}",
                f"tokenizers.image={tokenizer}", f"run.dir={run_dir}", f"run.root={root}", "logger=csv"]
+    run_logged(command, root / f"{data}-{objective}.log")
+    return run_dir
+
+
+def run_logged(command: list[str], log: Path) -> None:
     print("$", " ".join(command), flush=True)
-    log = root / f"{data}-{objective}.log"
-    root.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         rc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         sys.exit(f"{' '.join(command)} exited {rc}; its output is in {log}")
-    return run_dir
 
 
 def seconds_per_sample(run_dir: Path) -> float:
