@@ -8,9 +8,10 @@ with the same steps, batch and learning rate on:
 - Fashion-MNIST class->image: class consistency and Frechet distance (Inception) beside its floor.
 
 Each run is a plain ``lit-vqdiff train stage2`` in its own process (under ``runs/bench-objectives``,
-over the data set's tokenizer ``runs/latest-stage1-image-<data set>``, trained first at defaults when
-missing, so every row reads the same codes). Time per step comes from the run's summary; time per sample is ``generate``
-over a batch of 64 val conditions in fp32, as ``lit-vqdiff sample`` runs.
+over the data set's tokenizer ``runs/latest-stage1-image-<data set>``, trained first at defaults
+when missing, so every row reads the same codes). Time per step comes from the run's summary;
+time per sample is ``generate`` over a batch of 64 val conditions in fp32, as ``lit-vqdiff
+sample`` runs.
 
     .venv/bin/python bench/objectives.py                       # 400 steps per run, both data sets
     .venv/bin/python bench/objectives.py --steps 1000 --data shapes

@@ -21,6 +21,9 @@ def test_a_file_gets_plain_lines_and_a_terminal_a_bar():
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) == 6  # one line per item (every_s=0) and a last one
     assert lines[-1].startswith("writing: 5/5 shards in") and lines[-1].endswith("done")
+    batches = io.StringIO()
+    list(progress(range(2), "Inception features", unit="batch", stream=batches))
+    assert "2 batches in" in batches.getvalue()  # the plural of the unit, not "batchs"
     quiet = io.StringIO()
     assert list(progress(range(3), "x", stream=quiet)) == [0, 1, 2] and quiet.getvalue().count("\n") == 1  # only the end
     tty = Terminal()
