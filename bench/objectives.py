@@ -111,8 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     datas = [d for d in args.data.split(",") if d]
     objectives = [o for o in args.objectives.split(",") if o]
-    for name, allowed in (("--data", SETUPS), ("--objectives", OBJECTIVES)):
-        bad = [v for v in (datas if name == "--data" else objectives) if v not in allowed]
+    for name, given, allowed in (("--data", datas, SETUPS), ("--objectives", objectives, OBJECTIVES)):
+        bad = [v for v in given if v not in allowed]
         if bad:
             parser.error(f"{name}: unknown {bad}; one of {list(allowed)}")
     root = (ROOT / args.root).resolve()

@@ -51,6 +51,13 @@ def log_coef(values: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return values.log().to(dtype)[:, None, None]
 
 
+def unit_times(num_steps: int) -> Tensor:
+    """t / T for t = 0..T (float64): the grid the level tables are made on.
+
+    A host-side table, on the CPU also when built under the plan's meta-device dry run."""
+    return torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps
+
+
 def respaced_times(num_steps: int, steps: int) -> list[int]:
     """``steps`` + 1 distinct integer times from T down to 0, evenly spaced."""
     return [num_steps * k // steps for k in range(steps, -1, -1)]

@@ -18,10 +18,9 @@ cross-entropy plus ``hybrid`` times the bound) and respaced sampling as in discr
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .discrete import DiscreteDiffusion
+from .discrete import DiscreteDiffusion, unit_times
 from .masked import MaskSchedule
 
 
@@ -42,8 +41,7 @@ class MaskReplaceDiffusion(DiscreteDiffusion):
             raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
         if not 0.0 <= replace <= 1.0:
             raise ValueError(f"replace must be in [0, 1], got {replace!r}")
-        # A host-side table, also when built under the plan's meta-device dry run.
-        u = torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps
+        u = unit_times(num_steps)
         gamma = MaskSchedule(schedule)(u)
         gamma[-1] = 1.0  # important! sampling starts from all masks, so x_T must be all masks.
         rho = 1.0 - replace * u

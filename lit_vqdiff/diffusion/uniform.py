@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .discrete import DiscreteDiffusion
+from .discrete import DiscreteDiffusion, unit_times
 
 
 def cosine_alpha_bar(u: Tensor, offset: float = 0.008) -> Tensor:
@@ -44,8 +44,7 @@ class UniformDiffusion(DiscreteDiffusion):
             raise ValueError(f"schedule must be one of {sorted(ALPHA_BAR_SCHEDULES)}, got {schedule!r}")
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
-        # A host-side table, also when built under the plan's meta-device dry run.
-        u = torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps
+        u = unit_times(num_steps)
         alpha_bar = ALPHA_BAR_SCHEDULES[schedule](u)
         alpha_bar[0] = 1.0  # exactly clean at t = 0, whatever cos rounds to
         super().__init__(vocab_size, rho=alpha_bar, gamma=torch.zeros_like(u), hybrid=hybrid)
